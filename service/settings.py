@@ -1,0 +1,106 @@
+"""Service configuration, read from the environment in one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the service cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the service; the env var of a field is its name in upper case."""
+
+    # Model folder, or a folder of numbered versions of which the highest is served.
+    model_dir: Path = Path("models/shapes")
+    # Address and port gunicorn binds.
+    host: str = "0.0.0.0"
+    port: int = 8080
+    # Gunicorn worker processes; each loads its own copy of the model (one per GPU on GPU nodes).
+    workers: int = 1
+    # Request threads per worker: they parse and decode uploads while the batcher runs the model.
+    threads: int = 16
+    # Largest batch one forward pass takes; batches are padded up to powers of two below it.
+    max_batch_size: int = 32
+    # Longest wait after a batch's first image for more images, and only while more are arriving.
+    max_batch_delay_ms: float = 5.0
+    # Images that may wait in a worker's queue; past this, requests are shed with 503.
+    max_queue: int = 256
+    # Deadline of a request, from arrival to answer; a client may ask for less.
+    request_timeout_s: float = 10.0
+    # Largest request body accepted, in bytes.
+    max_body_bytes: int = 16 * 1024 * 1024
+    # Largest image accepted, in pixels (width x height), checked before decoding.
+    max_image_pixels: int = 25_000_000
+    # Most images one request may carry.
+    max_images_per_request: int = 64
+    # Seconds a worker keeps serving after SIGTERM, answering /readyz with 503, before it stops.
+    drain_s: float = 1.0
+    # TensorFlow intra-op threads per worker (0: TensorFlow's default, one per core).
+    tf_intra_op_threads: int = 0
+    # Bearer token required on /predict; empty means no authentication.
+    api_token: str = ""
+    # File holding the bearer token (e.g. a mounted Kubernetes secret); wins over api_token.
+    api_token_file: str = ""
+    # Python logging level of the service's JSON logs.
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        positive = (
+            "workers",
+            "threads",
+            "max_batch_size",
+            "max_queue",
+            "max_body_bytes",
+            "max_image_pixels",
+            "max_images_per_request",
+            "request_timeout_s",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name.upper()} must be positive, got {getattr(self, name)}")
+        for name in ("max_batch_delay_ms", "drain_s", "tf_intra_op_threads"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name.upper()} must not be negative")
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"PORT must be in 1..65535, got {self.port}")
+        if self.max_images_per_request > self.max_queue:
+            raise SettingsError("MAX_IMAGES_PER_REQUEST must not exceed MAX_QUEUE")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from environment variables, then apply explicit overrides."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            raw = environ.get(field.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(field.name, raw, type(getattr(cls, field.name)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    def as_env(self) -> dict[str, str]:
+        """Return the settings as environment variables, for the processes the CLI starts."""
+        return {f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
+
+    @property
+    def bearer_token(self) -> str:
+        """Return the configured API token, read from api_token_file when one is set."""
+        if self.api_token_file:
+            return Path(self.api_token_file).read_text().strip()
+        return self.api_token
+
+
+def _parse(name: str, raw: str, kind: type) -> object:
+    try:
+        if kind is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        return kind(raw.strip()) if kind is not str else raw
+    except ValueError:
+        raise SettingsError(f"{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
