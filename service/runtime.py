@@ -1,0 +1,142 @@
+"""The model runtime: the one module of the service that imports Keras and TensorFlow."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from service import model_dir
+from service.errors import ModelLoadError
+from service.model_dir import ModelInfo
+
+log = logging.getLogger(__name__)
+
+# Padded batch sizes go up in powers of two; on a GPU the largest batch is raised to this.
+GPU_MAX_BATCH_SIZE = 128
+
+
+class Classifier:
+    """A loaded Keras classifier whose forward pass runs on fixed, padded batch sizes."""
+
+    def __init__(self, model: keras.Model, info: ModelInfo, max_batch_size: int) -> None:
+        self.info = info
+        self.batch_sizes = padded_batch_sizes(max_batch_size)
+        self._model = model
+        self._apply_softmax = not ends_in_softmax(model)
+        # One concrete graph per padded batch size, traced once here and reused for every batch.
+        forward = tf.function(self._call)
+        self._graphs = {
+            size: forward.get_concrete_function(
+                tf.TensorSpec((size, *info.input_shape), tf.float32)
+            )
+            for size in self.batch_sizes
+        }
+
+    @property
+    def max_batch_size(self) -> int:
+        """Return the largest batch one forward pass takes."""
+        return self.batch_sizes[-1]
+
+    def predict_batch(self, inputs: np.ndarray) -> np.ndarray:
+        """Return class probabilities (N, classes) for float32 inputs (N, H, W, C)."""
+        count = len(inputs)
+        if count == 0 or count > self.max_batch_size:
+            raise ValueError(f"batch of {count} is outside 1..{self.max_batch_size}")
+        size = next(s for s in self.batch_sizes if s >= count)
+        if size != count:
+            padding = np.zeros((size - count, *inputs.shape[1:]), dtype=np.float32)
+            inputs = np.concatenate([inputs, padding])
+        with tf.device(self.info.device):
+            outputs = self._graphs[size](tf.constant(inputs, dtype=tf.float32))
+        return outputs.numpy()[:count]
+
+    def warm_up(self) -> None:
+        """Trace and run the graph of every padded batch size once."""
+        for size in self.batch_sizes:
+            self.predict_batch(np.zeros((size, *self.info.input_shape), dtype=np.float32))
+
+    def _call(self, inputs: tf.Tensor) -> tf.Tensor:
+        outputs = self._model(inputs, training=False)
+        return tf.nn.softmax(outputs) if self._apply_softmax else outputs
+
+
+def padded_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """Return the batch sizes forward passes are padded to: powers of two, then the max."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != max_batch_size:
+        sizes.append(max_batch_size)
+    return tuple(sizes)
+
+
+def ends_in_softmax(model: keras.Model) -> bool:
+    """Tell whether the model's last layer already outputs a softmax."""
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return True
+    activation = getattr(last, "activation", None)
+    return getattr(activation, "__name__", None) == "softmax"
+
+
+def configure_tensorflow(intra_op_threads: int = 0) -> str:
+    """Set thread counts and GPU memory growth; return the device inference runs on."""
+    if intra_op_threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        except RuntimeError:
+            log.warning("TensorFlow already initialised; intra-op thread count left as it was")
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        # Without this one process maps the whole card and a second worker cannot start.
+        with contextlib.suppress(RuntimeError):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    return "/GPU:0" if gpus else "/CPU:0"
+
+
+def load_classifier(path: Path, max_batch_size: int = 32, intra_op_threads: int = 0) -> Classifier:
+    """Build, load and vet the model in `path` (or its newest version); run no code from it."""
+    device = configure_tensorflow(intra_op_threads)
+    if device.startswith("/GPU"):
+        max_batch_size = max(max_batch_size, GPU_MAX_BATCH_SIZE)
+    files = model_dir.read(path)
+    json_path = files.folder / model_dir.MODEL_JSON
+    try:
+        model = keras.models.model_from_json(files.architecture)
+    except Exception as exc:
+        raise ModelLoadError(f"{json_path}: not a Keras model ({_one_line(exc)})") from None
+    if not isinstance(model, keras.Model):
+        raise ModelLoadError(f"{json_path}: describes a {type(model).__name__}, not a Keras model")
+    shape = tuple(model.input_shape) if not isinstance(model.input_shape, list) else ()
+    if len(shape) != 4 or shape[3] not in (1, 3) or None in shape[1:]:
+        raise ModelLoadError(
+            f"{json_path}: input shape {shape} is not (batch, height, width, 1 or 3)"
+        )
+    output = tuple(model.output_shape) if not isinstance(model.output_shape, list) else ()
+    if len(output) != 2:
+        raise ModelLoadError(f"{json_path}: output shape {output} is not (batch, classes)")
+    if output[1] != len(files.labels):
+        raise ModelLoadError(
+            f"{files.folder / model_dir.LABELS}: {len(files.labels)} labels but the model "
+            f"outputs {output[1]} classes"
+        )
+    try:
+        model.load_weights(files.weights)
+    except Exception as exc:
+        raise ModelLoadError(f"{files.weights}: weights do not load ({_one_line(exc)})") from None
+    spec = files.input_spec(int(shape[1]), int(shape[2]), int(shape[3]))
+    info = ModelInfo(files.name, files.version, files.labels, spec, device.strip("/"))
+    return Classifier(model, info, max_batch_size)
+
+
+def _one_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]

@@ -1,0 +1,210 @@
+"""Fixtures: a real small Keras model on disk, real images, the app, and a real gunicorn."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+LABELS = ["circle", "square", "triangle"]
+
+
+def make_cnn(input_shape=(32, 32, 3), classes=3, softmax=True, seed=0):
+    """Build the design's CNN, small: Conv-ReLU-Pool-Dropout twice, Flatten, Dense-softmax."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    layers = [
+        keras.Input(input_shape),
+        keras.layers.Conv2D(8, (3, 3)),
+        keras.layers.Activation("relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Dropout(0.25),
+        keras.layers.Conv2D(16, (3, 3)),
+        keras.layers.Activation("relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Dropout(0.25),
+        keras.layers.Flatten(),
+        keras.layers.Dense(classes),
+    ]
+    if softmax:
+        layers.append(keras.layers.Activation("softmax"))
+    return keras.Sequential(layers)
+
+
+def write_model(folder: Path, model, labels, metadata: dict | None = None) -> Path:
+    """Write a model folder as training does: JSON, weights, labels, optional metadata."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.json").write_text(model.to_json())
+    model.save_weights(folder / "model.weights.h5")
+    (folder / "labels.json").write_text(json.dumps(list(labels)))
+    if metadata is not None:
+        (folder / "metadata.json").write_text(json.dumps(metadata))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cnn():
+    """Return the small reference CNN (random weights, 3 classes, 32x32x3)."""
+    return make_cnn()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, cnn) -> Path:
+    """Return a folder of versions holding the reference CNN as version 2."""
+    root = tmp_path_factory.mktemp("models") / "shapes"
+    write_model(root / "1", make_cnn(seed=1), LABELS)
+    write_model(root / "2", cnn, LABELS, {"name": "shapes", "version": "2"})
+    return root
+
+
+@pytest.fixture(scope="session")
+def classifier(model_dir):
+    """Return the reference CNN loaded through the service runtime."""
+    from service.runtime import load_classifier
+
+    return load_classifier(model_dir, max_batch_size=16)
+
+
+@pytest.fixture
+def settings(model_dir):
+    """Return service settings for tests: small queue and batches."""
+    from service.settings import Settings
+
+    return Settings(model_dir=model_dir, max_batch_size=16, max_queue=64, request_timeout_s=10)
+
+
+@pytest.fixture
+def app(settings, classifier):
+    """Return the Flask app built around the loaded reference CNN."""
+    from service.app import create_app
+
+    application = create_app(settings, classifier)
+    yield application
+    application.extensions["model_service"].close(timeout=5)
+
+
+@pytest.fixture
+def client(app):
+    """Return a Flask test client."""
+    return app.test_client()
+
+
+def image_bytes(size=(40, 30), mode="RGB", fmt="PNG", color=None, seed=0, **save_args) -> bytes:
+    """Return a real encoded image: random pixels, or one colour."""
+    rng = np.random.default_rng(seed)
+    if color is not None:
+        image = Image.new(mode, size, color)
+    else:
+        channels = {"L": 1, "RGB": 3, "RGBA": 4, "LA": 2, "CMYK": 4}[mode]
+        pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+        image = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels)
+        if image.mode != mode:
+            image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+def distinct_images(count: int, size=(32, 32)) -> list[bytes]:
+    """Return `count` different random PNG images."""
+    return [image_bytes(size=size, seed=1000 + i) for i in range(count)]
+
+
+def expected_probabilities(model, data: bytes, spec) -> np.ndarray:
+    """Return the Keras model's own output on the service's preprocessing of `data`."""
+    from service.preprocessing import preprocess
+
+    return np.asarray(model(preprocess(data, spec)[None], training=False))[0]
+
+
+def free_port() -> int:
+    """Return a loopback TCP port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running cnn-serve process on loopback."""
+
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        """Return what the server wrote to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        """Send SIGTERM and return the exit status (SIGKILL after `timeout`)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(model: Path, log_dir: Path, ready_timeout: float = 90, **env: str) -> Server:
+    """Start `python -m service` on a free loopback port and wait until /readyz says 200."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "MODEL_DIR": str(model),
+        "WORKERS": "1",
+        "THREADS": "16",
+        "PROMETHEUS_MULTIPROC_DIR": str(log_dir / f"metrics-{port}"),
+        **env,
+    }
+    log_path = log_dir / f"server-{port}.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service"], env=environment, stdout=log_file, stderr=log_file
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited {process.returncode}:\n{server.log()}")
+        try:
+            if requests.get(server.url + "/readyz", timeout=1).status_code == 200:
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise AssertionError(f"server not ready in {ready_timeout}s:\n{server.log()}")
+
+
+@pytest.fixture
+def server_factory(tmp_path) -> Iterator[Callable[..., Server]]:
+    """Start real servers on demand; stop every one of them (by PID) afterwards."""
+    started: list[Server] = []
+
+    def start(model: Path, **env: str) -> Server:
+        server = start_server(model, tmp_path, **env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
