@@ -1,0 +1,94 @@
+"""Every Prometheus metric of the service, defined once, and the /metrics exposition.
+
+Under gunicorn, PROMETHEUS_MULTIPROC_DIR is set (and wiped) by the launcher before any worker
+imports this module, so each worker writes its values to files there and a scrape of any
+worker merges them all through a fresh MultiProcessCollector registry.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+# Millisecond-scale buckets: a 32x32 image is answered in a few ms, a batch queued behind a
+# burst or a big upload in tens to hundreds.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075,
+    0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REQUEST_LATENCY = Histogram(
+    "cnn_http_request_duration_seconds",
+    "Time from request arrival to response, by endpoint and HTTP status.",
+    ["endpoint", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "cnn_batch_queue_wait_seconds",
+    "Time an image waited in the batch queue before its forward pass began.",
+    buckets=LATENCY_BUCKETS,
+)
+INFERENCE_LATENCY = Histogram(
+    "cnn_inference_duration_seconds",
+    "Time of one forward pass over a (padded) batch.",
+    buckets=LATENCY_BUCKETS,
+)
+PREPROCESS_LATENCY = Histogram(
+    "cnn_preprocess_duration_seconds",
+    "Time to decode, convert and resize one image.",
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "cnn_batch_size",
+    "Images in one forward pass, before padding.",
+    buckets=BATCH_SIZE_BUCKETS,
+)
+IMAGES_PREDICTED = Counter("cnn_images_predicted_total", "Images run through the model.")
+ERRORS = Counter("cnn_errors_total", "Error responses, by error code.", ["code"])
+QUEUE_DEPTH = Gauge(
+    "cnn_batch_queue_depth",
+    "Images waiting in the batch queues of all live workers.",
+    multiprocess_mode="livesum",
+)
+ESTIMATED_WAIT = Gauge(
+    "cnn_batch_queue_estimated_wait_seconds",
+    "Estimated wait of an image enqueued now (largest over live workers).",
+    multiprocess_mode="livemax",
+)
+READY = Gauge(
+    "cnn_ready",
+    "1 while a worker's model is loaded, warmed up and its batcher runs (sum over workers).",
+    multiprocess_mode="livesum",
+)
+MODEL_INFO = Gauge(
+    "cnn_model_info",
+    "The model served: always 1, its facts in the labels.",
+    ["name", "version", "input_shape", "device"],
+    multiprocess_mode="livemax",
+)
+
+
+def exposition() -> tuple[bytes, str]:
+    """Return the current metrics in the Prometheus text format, and its content type."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (called from gunicorn's child_exit hook)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)
