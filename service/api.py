@@ -1,0 +1,160 @@
+"""POST /predict: read the uploads and parameters, ask the model service, shape the answer."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import time
+
+import numpy as np
+import orjson
+from flask import Blueprint, Request, Response, current_app, request
+
+from service.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from service.inference import ModelService, Upload
+from service.settings import Settings
+
+blueprint = Blueprint("api", __name__)
+
+DEFAULT_TOP_K = 5
+QUERY_PARAMETERS = ("top_k", "timeout")
+ACCEPTED_TYPES = "multipart/form-data, image/*, application/json"
+
+
+@blueprint.post("/predict")
+def predict() -> Response:
+    """Classify the request's images and return one prediction per image, in order."""
+    settings: Settings = current_app.config["SETTINGS"]
+    _authorize(request, current_app.config["API_TOKEN"])
+    started = time.monotonic()
+    service: ModelService = current_app.extensions["model_service"]
+    top_k, timeout_s = _parameters(request, settings)
+    uploads = read_uploads(request, settings.max_images_per_request)
+    probabilities = service.predict(uploads, deadline=started + timeout_s)
+    return json_response(prediction_body(service, probabilities, top_k))
+
+
+def json_response(body: object, status: int = 200) -> Response:
+    """Return `body` as a JSON response (orjson: fast on long float lists)."""
+    return Response(orjson.dumps(body), status=status, mimetype="application/json")
+
+
+def prediction_body(service: ModelService, outputs: list[np.ndarray], top_k: int) -> dict:
+    """Shape the model's outputs as the /predict response contract."""
+    assert service.classifier is not None
+    info = service.classifier.info
+    labels = info.labels
+    k = min(top_k, len(labels))
+    predictions = []
+    for output in outputs:
+        order = np.argsort(-output, kind="stable")[:k]
+        probabilities = output.tolist()
+        predictions.append(
+            {
+                "label": labels[order[0]],
+                "probability": probabilities[order[0]],
+                "probabilities": probabilities,
+                "top": [{"label": labels[i], "probability": probabilities[i]} for i in order],
+            }
+        )
+    return {
+        "model": {"name": info.name, "version": info.version},
+        "classes": list(labels),
+        "predictions": predictions,
+    }
+
+
+def read_uploads(req: Request, max_images: int) -> list[Upload]:
+    """Return the request's images from a multipart form, a raw image body or TF-style JSON."""
+    mimetype = req.mimetype
+    if mimetype == "multipart/form-data":
+        uploads = [
+            Upload(f"image {i + 1} (part {name!r})", part.read())
+            for i, (name, part) in enumerate(req.files.items(multi=True))
+        ]
+        if not uploads:
+            raise InvalidRequest("the multipart form has no file part (use -F image=@file.jpg)")
+    elif mimetype.startswith("image/"):
+        uploads = [Upload("image 1 (request body)", _read_body(req))]
+    elif mimetype == "application/json":
+        uploads = _json_instances(_read_body(req))
+    elif not mimetype and not req.content_length and not req.headers.get("Transfer-Encoding"):
+        raise InvalidRequest(f"the request has no image; send one as {ACCEPTED_TYPES}")
+    else:
+        raise UnsupportedMediaType(
+            f"Content-Type {mimetype or '(none)'!r} is not supported; use {ACCEPTED_TYPES}"
+        )
+    if len(uploads) > max_images:
+        raise PayloadTooLarge(f"{len(uploads)} images in one request; the limit is {max_images}")
+    return uploads
+
+
+def _read_body(req: Request) -> bytes:
+    data = req.stream.read()
+    # A chunked body is cut at the size limit without error; reading on raises the 413.
+    req.stream.read(1)
+    return data
+
+
+def _json_instances(body: bytes) -> list[Upload]:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise InvalidRequest('the JSON body must be an object: {"instances": [{"b64": ...}]}')
+    instances = document.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise InvalidRequest('"instances" must be a non-empty list of {"b64": "<base64>"}')
+    uploads = []
+    for i, instance in enumerate(instances):
+        name = f"image {i + 1} (instances[{i}])"
+        encoded = instance.get("b64") if isinstance(instance, dict) else None
+        if not isinstance(encoded, str):
+            raise InvalidRequest(f'{name}: each instance must be an object {{"b64": "<base64>"}}')
+        try:
+            uploads.append(Upload(name, base64.b64decode(encoded, validate=True)))
+        except (binascii.Error, ValueError):
+            raise InvalidRequest(f"{name}: 'b64' is not valid base64") from None
+    return uploads
+
+
+def _parameters(req: Request, settings: Settings) -> tuple[int, float]:
+    unknown = sorted(set(req.args) - set(QUERY_PARAMETERS))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown query parameter {unknown[0]!r}; accepted: {', '.join(QUERY_PARAMETERS)}"
+        )
+    top_k = int(_number(req.args.get("top_k"), "top_k", int, DEFAULT_TOP_K))
+    if top_k < 1:
+        raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
+    requested = req.args.get("timeout") or req.headers.get("X-Request-Timeout")
+    timeout_s = _number(requested, "timeout", float, settings.request_timeout_s)
+    if not timeout_s > 0:
+        raise InvalidRequest(f"timeout must be a positive number of seconds, got {requested}")
+    return top_k, min(timeout_s, settings.request_timeout_s)
+
+
+def _number(raw: str | None, name: str, kind: type, default: float) -> float:
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+
+
+def _authorize(req: Request, token: str) -> None:
+    if not token:
+        return
+    scheme, _, supplied = req.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        supplied.strip().encode(), token.encode()
+    ):
+        raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")

@@ -1,0 +1,160 @@
+"""The Flask application factory: wiring, the error table, health and metrics endpoints."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from flask import Flask, Response, current_app, g, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from service import api, logs, metrics
+from service.api import json_response
+from service.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidImage,
+    InvalidRequest,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from service.inference import Classifier, ModelService
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The one place typed errors become HTTP statuses.
+STATUS_OF_ERROR: dict[type[ServiceError], int] = {
+    InvalidRequest: 400,
+    InvalidImage: 400,
+    Unauthorized: 401,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    InferenceFailed: 500,
+    Overloaded: 503,
+    ModelNotReady: 503,
+    DeadlineExceeded: 504,
+}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def create_app(settings: Settings | None = None, classifier: Classifier | None = None) -> Flask:
+    """Build the app; load the model from settings.model_dir unless a classifier is given.
+
+    A given classifier is warmed up before this returns; a loaded one is loaded and warmed
+    in the background while /healthz answers and /readyz says 503 "starting".
+    """
+    settings = settings or Settings.from_env()
+    logs.configure(settings.log_level)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["MAX_FORM_MEMORY_SIZE"] = settings.max_body_bytes
+    app.config["MAX_FORM_PARTS"] = settings.max_images_per_request * 2 + 8
+    app.config["SETTINGS"] = settings
+    app.config["API_TOKEN"] = settings.bearer_token
+
+    model_service = ModelService(settings, classifier)
+    app.extensions["model_service"] = model_service
+    model_service.start(background=classifier is None)
+
+    app.before_request(_begin_request)
+    app.after_request(_end_request)
+    app.register_error_handler(ServiceError, _service_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    app.add_url_rule("/healthz", view_func=_healthz)
+    app.add_url_rule("/readyz", view_func=_readyz)
+    app.add_url_rule("/metrics", view_func=_metrics)
+    app.register_blueprint(api.blueprint)
+    return app
+
+
+def model_service() -> ModelService:
+    """Return the current app's model service."""
+    return current_app.extensions["model_service"]
+
+
+def _healthz() -> Response:
+    if model_service().alive:
+        return json_response({"status": "alive"})
+    return json_response(model_service().readiness(), 503)
+
+
+def _readyz() -> Response:
+    service = model_service()
+    return json_response(service.readiness(), 200 if service.ready else 503)
+
+
+def _metrics() -> Response:
+    payload, content_type = metrics.exposition()
+    return Response(payload, mimetype=None, content_type=content_type)
+
+
+def _begin_request() -> None:
+    g.started = time.perf_counter()
+    supplied = request.headers.get("X-Request-ID", "")
+    g.request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+
+
+def _end_request(response: Response) -> Response:
+    response.headers["X-Request-ID"] = g.get("request_id", "")
+    rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    started = g.get("started")
+    if started is not None:
+        metrics.REQUEST_LATENCY.labels(rule, str(response.status_code)).observe(
+            time.perf_counter() - started
+        )
+    return response
+
+
+def _error_response(status: int, code: str, message: str) -> Response:
+    metrics.ERRORS.labels(code).inc()
+    extra = {
+        "request_id": g.get("request_id"),
+        "status": status,
+        "code": code,
+        "path": request.path,
+    }
+    if status >= 500:
+        log.error(message, extra=extra)
+    else:
+        log.info(message, extra=extra)
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+def _service_error(error: ServiceError) -> Response:
+    status = next(s for cls, s in STATUS_OF_ERROR.items() if isinstance(error, cls))
+    response = _error_response(status, error.code, error.message)
+    if isinstance(error, Overloaded):
+        response.headers["Retry-After"] = str(error.retry_after_s)
+    if isinstance(error, Unauthorized):
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def _http_error(error: HTTPException) -> Response:
+    if isinstance(error, RequestEntityTooLarge):
+        settings: Settings = current_app.config["SETTINGS"]
+        message = f"the request body is over the limit of {settings.max_body_bytes} bytes"
+        return _error_response(413, PayloadTooLarge.code, message)
+    status = error.code or 500
+    code = (error.name or "error").lower().replace(" ", "_")
+    response = _error_response(status, code, error.description or error.name)
+    if status == 405 and error.get_response().headers.get("Allow"):
+        response.headers["Allow"] = error.get_response().headers["Allow"]
+    return response
+
+
+def _unexpected_error(error: Exception) -> Response:
+    log.exception("unhandled error", extra={"request_id": g.get("request_id")})
+    metrics.ERRORS.labels("internal").inc()
+    return json_response(
+        {"error": {"code": "internal", "message": f"internal error (request id {g.request_id})"}},
+        500,
+    )

@@ -1,0 +1,180 @@
+"""The data plane: the model's life cycle, and uploads in, probabilities out (no Flask here)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+import numpy as np
+
+from service import metrics
+from service.batching import Batcher
+from service.errors import ModelLoadError, ModelNotReady, ServiceError
+from service.model_dir import ModelInfo
+from service.preprocessing import preprocess
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Classifier(Protocol):
+    """What the data plane needs of a model runtime (see service.runtime.Classifier)."""
+
+    info: ModelInfo
+
+    @property
+    def max_batch_size(self) -> int: ...
+
+    def predict_batch(self, inputs: np.ndarray) -> np.ndarray: ...
+
+    def warm_up(self) -> None: ...
+
+
+class Status(StrEnum):
+    """Where the model service is in its life."""
+
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One image of a request: where it came from (for error messages) and its bytes."""
+
+    name: str
+    data: bytes
+
+
+class ModelService:
+    """Loads and warms the model, owns the batcher, and answers predictions."""
+
+    def __init__(self, settings: Settings, classifier: Classifier | None = None) -> None:
+        self.settings = settings
+        self.status = Status.STARTING
+        self.failure = ""
+        self.classifier = classifier
+        self.batcher: Batcher | None = None
+
+    def start(self, background: bool) -> None:
+        """Load (unless given), warm up and start batching; in a thread when `background`."""
+        if background:
+            threading.Thread(target=self._start, name="model-loader", daemon=True).start()
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        started = time.monotonic()
+        try:
+            classifier = self.classifier or self._load()
+            classifier.warm_up()
+        except ModelLoadError as exc:
+            self._fail(str(exc))
+            return
+        except Exception as exc:
+            self._fail(f"model start-up failed: {type(exc).__name__}: {exc}")
+            return
+        self.classifier = classifier
+        self.batcher = Batcher(
+            classifier.predict_batch,
+            max_batch_size=classifier.max_batch_size,
+            max_delay_s=self.settings.max_batch_delay_ms / 1000.0,
+            max_queue=self.settings.max_queue,
+        )
+        self.batcher.start()
+        info = classifier.info
+        metrics.MODEL_INFO.labels(
+            info.name, info.version, "x".join(map(str, info.input_shape)), info.device
+        ).set(1)
+        if self.status is Status.STARTING:
+            self.status = Status.READY
+            metrics.READY.set(1)
+        log.info(
+            "model ready",
+            extra={
+                "model": info.name,
+                "version": info.version,
+                "device": info.device,
+                "batch_sizes": getattr(classifier, "batch_sizes", None),
+                "startup_s": round(time.monotonic() - started, 3),
+            },
+        )
+
+    def _load(self) -> Classifier:
+        from service.runtime import load_classifier  # the only path into Keras
+
+        return load_classifier(
+            self.settings.model_dir,
+            max_batch_size=self.settings.max_batch_size,
+            intra_op_threads=self.settings.tf_intra_op_threads,
+        )
+
+    def _fail(self, message: str) -> None:
+        self.status = Status.FAILED
+        self.failure = message
+        log.error("model failed to start: %s", message)
+
+    @property
+    def ready(self) -> bool:
+        """Tell whether new predictions are welcome (loaded, warmed, batching, not draining)."""
+        return self.status is Status.READY and self.batcher is not None and self.batcher.alive
+
+    @property
+    def alive(self) -> bool:
+        """Tell whether the process is worth keeping (liveness): anything but a failed start."""
+        return self.status is not Status.FAILED
+
+    def readiness(self) -> dict[str, object]:
+        """Describe the service for /readyz."""
+        status = self.status.value
+        if self.status is Status.READY and not self.ready:
+            status = "batcher_stopped"
+        body: dict[str, object] = {"status": status if not self.ready else "ready"}
+        if self.classifier is not None:
+            info = self.classifier.info
+            body["model"] = {
+                "name": info.name,
+                "version": info.version,
+                "input_shape": list(info.input_shape),
+                "classes": len(info.labels),
+                "device": info.device,
+            }
+        if self.failure:
+            body["error"] = self.failure
+        return body
+
+    def drain(self) -> None:
+        """Report not-ready from now on, while still answering what arrives."""
+        self.status = Status.DRAINING
+        metrics.READY.set(0)
+        log.info("draining: readiness now reports 503")
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish queued work and stop the batcher."""
+        if self.batcher is not None:
+            self.batcher.close(timeout)
+
+    def predict(self, uploads: Sequence[Upload], deadline: float) -> list[np.ndarray]:
+        """Preprocess each upload and return its class probabilities, in order."""
+        batcher, classifier = self.batcher, self.classifier
+        accepting = self.status in (Status.READY, Status.DRAINING)
+        if batcher is None or classifier is None or not accepting or not batcher.alive:
+            raise ModelNotReady(f"the model is not ready ({self.readiness()['status']})")
+        spec = classifier.info.spec
+        with batcher.arrival() as arrival:
+            inputs = []
+            for upload in uploads:
+                started = time.perf_counter()
+                try:
+                    inputs.append(preprocess(upload.data, spec, self.settings.max_image_pixels))
+                except ServiceError as exc:
+                    exc.message = f"{upload.name}: {exc.message}"
+                    raise
+                metrics.PREPROCESS_LATENCY.observe(time.perf_counter() - started)
+            return arrival.predict(inputs, deadline)
