@@ -1,0 +1,108 @@
+"""Gunicorn settings for cnn-serve; each setting says why it has its value.
+
+Loaded by gunicorn in the master process, which must never import TensorFlow: the model is
+loaded by each worker after the fork (TensorFlow is not fork-safe), so no `preload_app`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+
+from service.settings import Settings
+
+_settings = Settings.from_env()
+
+# IPv6 literals need brackets in a bind address.
+bind = (
+    f"[{_settings.host}]:{_settings.port}"
+    if ":" in _settings.host
+    else (f"{_settings.host}:{_settings.port}")
+)
+# One process per core (or per GPU): each holds one model and one batcher.
+workers = _settings.workers
+# gthread: request threads parse and decode uploads in parallel while the batcher's thread
+# runs the model; the GIL is released in Pillow and TensorFlow, so threads overlap well.
+worker_class = "gthread"
+threads = _settings.threads
+# Load the app (and TensorFlow) in each worker after the fork, never in the master.
+preload_app = False
+# The worker's main loop heartbeats every second even while its threads wait on the model,
+# so a worker silent for this long is stuck and is replaced.
+timeout = 30
+# After SIGTERM a worker drains for DRAIN_S, then finishes requests already accepted; their
+# own deadline bounds that, so allow the drain, one deadline and a margin before SIGKILL.
+graceful_timeout = int(_settings.drain_s + _settings.request_timeout_s + 5)
+# Short keep-alive: clients behind a load balancer reuse connections; idle ones free quickly.
+keepalive = 5
+# A slow client may not hold a thread forever while sending its request line and headers.
+limit_request_line = 8190
+# The control socket (gunicorn >= 25) is for interactive admin; in a container with a
+# read-only root filesystem and in parallel test runs it only gets in the way.
+control_socket_disable = True
+# Access logs are off: latency and status per endpoint are in /metrics, errors in the JSON log.
+accesslog = None
+errorlog = "-"
+loglevel = _settings.log_level.lower()
+# gunicorn's own lines as JSON too, so a log shipper parses one format.
+_json_stderr = {"handlers": ["stderr"], "level": _settings.log_level, "propagate": False}
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "service.logs.JsonFormatter"}},
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "stream": "ext://sys.stderr",
+        }
+    },
+    "root": {"handlers": ["stderr"], "level": "WARNING"},
+    # gunicorn.access at WARNING: no line per request (see accesslog above).
+    "loggers": {
+        "gunicorn.error": _json_stderr,
+        "gunicorn.access": {**_json_stderr, "level": "WARNING"},
+    },
+}
+
+# prometheus_client's multiprocess mode needs a folder shared by all workers, set before any
+# worker imports prometheus_client.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cnn-serving-metrics-")
+
+
+def on_starting(server: object) -> None:
+    """Wipe metric files a previous run left, before any worker writes new ones."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+
+
+def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
+    """On SIGTERM, report not-ready at once and keep serving for DRAIN_S, then stop."""
+    service = worker.wsgi.extensions["model_service"]
+
+    def drain_then_exit(signum: int, frame: object) -> None:
+        service.drain()
+        timer = threading.Timer(_settings.drain_s, worker.handle_exit, (signum, frame))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, drain_then_exit)
+
+
+def worker_exit(server: object, worker) -> None:  # type: ignore[no-untyped-def]
+    """Let the batcher finish queued images before the worker process ends."""
+    wsgi = getattr(worker, "wsgi", None)
+    if wsgi is not None:
+        wsgi.extensions["model_service"].close(timeout=_settings.request_timeout_s)
+
+
+def child_exit(server: object, worker) -> None:  # type: ignore[no-untyped-def]
+    """Drop a dead worker's live gauges from the shared metric files."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
