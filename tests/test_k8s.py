@@ -1,0 +1,252 @@
+"""The Kubernetes manifests: each overlay renders, passes the schemas and yamllint, and agrees
+with the service (settings, port, probe paths, drain timing) and with the image (its user)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.settings import Settings
+
+yaml = pytest.importorskip("yaml", reason="PyYAML comes with yamllint and kubernetes-validate")
+
+ROOT = Path(__file__).resolve().parent.parent
+OVERLAYS = ("cpu", "gpu")
+# The oldest Kubernetes release the manifests target; kubernetes-validate ships its schemas.
+KUBERNETES_VERSION = "1.30.0"
+# Gunicorn's graceful_timeout is DRAIN_S + REQUEST_TIMEOUT_S + this margin (gunicorn_conf.py).
+GRACEFUL_MARGIN_S = 5
+# Fields of a ServiceMonitor these manifests may use (monitoring.coreos.com/v1 CRD).
+SERVICEMONITOR_SPEC = {"selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels"}
+SERVICEMONITOR_ENDPOINT = {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels"}
+
+
+def python_tool(module: str) -> list[str]:
+    """Return the command running a Python tool of this environment, or skip without it."""
+    if find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (pip install -e '.[dev]')")
+    return [sys.executable, "-m", module]
+
+
+def program(name: str) -> str | None:
+    """Find a program in this environment's bin folder (CI may put kubectl there), else PATH."""
+    folders = [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    return shutil.which(name, path=os.pathsep.join(folders))
+
+
+@functools.cache
+def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    """Render an overlay with kustomize (kubectl's, else the standalone binary)."""
+    path = str(ROOT / "k8s" / "overlays" / overlay)
+    if kubectl := program("kubectl"):
+        command = [kubectl, "kustomize", path]
+    elif kustomize := program("kustomize"):
+        command = [kustomize, "build", path]
+    else:
+        pytest.skip("neither kubectl nor kustomize is installed (CI installs kubectl)")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def by_kind(overlay: str) -> dict[str, dict[str, Any]]:
+    """Return the rendered objects of an overlay by kind (each kind appears once)."""
+    objects = render(overlay)
+    kinds = {obj["kind"]: obj for obj in objects}
+    assert len(kinds) == len(objects), "one object of each kind expected"
+    return kinds
+
+
+def only_container(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    (container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def port_number(container: dict[str, Any], port: int | str) -> int:
+    """Resolve a port given by number or by name to the container's port number."""
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for p in container["ports"] if p["name"] == port]
+    return number
+
+
+def cpus(quantity: str) -> float:
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+@pytest.fixture(params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def objects(overlay: str) -> dict[str, dict[str, Any]]:
+    return by_kind(overlay)
+
+
+@pytest.fixture
+def container(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return only_container(objects)
+
+
+@pytest.fixture
+def settings(objects: dict[str, dict[str, Any]]) -> dict[str, str]:
+    return objects["ConfigMap"]["data"]
+
+
+def test_objects_pass_the_kubernetes_schemas(overlay: str, tmp_path: Path) -> None:
+    command = python_tool("kubernetes_validate")
+    # A ServiceMonitor is a custom resource with no schema here: see the test of its own.
+    manifests = [obj for obj in render(overlay) if obj["kind"] != "ServiceMonitor"]
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(yaml.safe_dump_all(manifests))
+    result = subprocess.run(
+        [*command, "--strict", "--quiet", "--kubernetes-version", KUBERNETES_VERSION, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # --quiet prints only failures and warnings, such as a kind without a schema.
+    assert (result.returncode, result.stdout) == (0, ""), result.stdout + result.stderr
+
+
+def test_yaml_files_pass_yamllint() -> None:
+    files = ["k8s", ".yamllint.yaml", ".hadolint.yaml"]
+    result = subprocess.run(
+        [*python_tool("yamllint"), "--strict", "--config-file", ".yamllint.yaml", *files],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_config_map_holds_valid_service_settings(settings: dict[str, str]) -> None:
+    known = {field.name.upper() for field in fields(Settings)} | {"PROMETHEUS_MULTIPROC_DIR"}
+    assert set(settings) <= known - {"API_TOKEN"}, "unknown setting, or a secret in a ConfigMap"
+    Settings.from_env(settings)
+
+
+def test_container_port_is_the_port_setting(objects, container, settings) -> None:
+    assert container["ports"] == [{"name": "http", "containerPort": int(settings["PORT"])}]
+    (source,) = container["envFrom"]
+    assert source["configMapRef"]["name"] == objects["ConfigMap"]["metadata"]["name"]
+
+
+def test_probes_ask_readyz_and_healthz_on_the_container_port(container, settings) -> None:
+    paths = {}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert port_number(container, get["port"]) == int(settings["PORT"])
+        paths[probe] = get["path"]
+    assert paths == {
+        "startupProbe": "/readyz",
+        "readinessProbe": "/readyz",
+        "livenessProbe": "/healthz",
+    }
+
+
+def test_scrape_annotations_point_at_metrics_on_the_container_port(objects, container) -> None:
+    annotations = objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == port_number(container, "http")
+
+
+def test_servicemonitor_scrapes_metrics_through_the_service(objects, container, settings) -> None:
+    monitor, service = objects["ServiceMonitor"], objects["Service"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor["spec"]) <= SERVICEMONITOR_SPEC
+    labels = monitor["spec"]["selector"]["matchLabels"]
+    assert labels.items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert set(endpoint) <= SERVICEMONITOR_ENDPOINT
+    assert endpoint["path"] == "/metrics"
+    assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert port_number(container, port["targetPort"]) == int(settings["PORT"])
+
+
+def test_selectors_pick_the_deployments_pods(objects) -> None:
+    deployment = objects["Deployment"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"].items()
+    for selector in (
+        deployment["spec"]["selector"]["matchLabels"],
+        objects["Service"]["spec"]["selector"],
+        objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+    ):
+        assert selector.items() <= pod_labels
+    target = objects["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert "replicas" not in deployment["spec"], "the HorizontalPodAutoscaler owns replicas"
+
+
+def test_pod_runs_non_root_read_only_without_capabilities(objects, container) -> None:
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    user = re.search(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert user and pod["securityContext"]["runAsUser"] == int(user[1]), "not the image's user"
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+
+
+def test_tmp_and_metrics_folder_are_empty_dirs(objects, container, settings) -> None:
+    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    for path in ("/tmp", settings["PROMETHEUS_MULTIPROC_DIR"]):
+        assert "emptyDir" in mounts[path], path
+
+
+def test_cpu_and_memory_have_requests_and_limits(container) -> None:
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind]), kind
+
+
+def test_tensorflow_threads_fit_the_cpu_limit(container, settings) -> None:
+    # 0 would mean one thread per core of the node, far more than the pod may use.
+    threads = int(settings["TF_INTRA_OP_THREADS"]) * int(settings["WORKERS"])
+    assert 0 < threads <= cpus(container["resources"]["limits"]["cpu"])
+
+
+def test_shutdown_waits_out_the_drain_and_the_last_requests(objects, container, settings) -> None:
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pause = float(command[1])
+    drain = float(settings["DRAIN_S"])
+    graceful = drain + float(settings["REQUEST_TIMEOUT_S"]) + GRACEFUL_MARGIN_S
+    grace = objects["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert drain < pause < pause + graceful < grace
+
+
+def test_overlay_runs_its_own_image(overlay, container) -> None:
+    assert container["image"].endswith(f":{overlay}")
+
+
+def test_gpu_overlay_asks_for_one_gpu_and_one_worker() -> None:
+    objects = by_kind("gpu")
+    resources = only_container(objects)["resources"]
+    assert int(resources["limits"]["nvidia.com/gpu"]) == 1
+    assert int(resources["requests"]["nvidia.com/gpu"]) == 1
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    assert objects["ConfigMap"]["data"]["WORKERS"] == "1"
+
+
+def test_cpu_overlay_asks_for_no_gpu() -> None:
+    objects = by_kind("cpu")
+    resources = only_container(objects)["resources"]
+    assert not any("gpu" in name for kind in resources.values() for name in kind)
+    assert "tolerations" not in objects["Deployment"]["spec"]["template"]["spec"]
