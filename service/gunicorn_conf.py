@@ -82,8 +82,15 @@ def on_starting(server: object) -> None:
 
 
 def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
-    """On SIGTERM, report not-ready at once and keep serving for DRAIN_S, then stop."""
+    """Accept connections only once the model is warm; on SIGTERM, drain, then stop.
+
+    Gating the accept loop on the model means the kernel hands connections only to warm
+    workers: a worker that is starting, or replaces one that died, never answers 503 to a
+    request a sibling could serve. Heartbeats go on meanwhile, or the master kills it.
+    """
     service = worker.wsgi.extensions["model_service"]
+    while not service.wait_started(timeout=1.0):
+        worker.notify()
 
     def drain_then_exit(signum: int, frame: object) -> None:
         service.drain()

@@ -61,6 +61,7 @@ class ModelService:
         self.failure = ""
         self.classifier = classifier
         self.batcher: Batcher | None = None
+        self._started = threading.Event()
 
     def start(self, background: bool) -> None:
         """Load (unless given), warm up and start batching; in a thread when `background`."""
@@ -69,7 +70,17 @@ class ModelService:
         else:
             self._start()
 
+    def wait_started(self, timeout: float) -> bool:
+        """Wait until start-up has ended, ready or failed; tell whether it has."""
+        return self._started.wait(timeout)
+
     def _start(self) -> None:
+        try:
+            self._load_and_warm_up()
+        finally:
+            self._started.set()
+
+    def _load_and_warm_up(self) -> None:
         started = time.monotonic()
         try:
             classifier = self.classifier or self._load()

@@ -186,9 +186,10 @@ def start_server(model: Path, log_dir: Path, ready_timeout: float = 90, **env: s
         if process.poll() is not None:
             raise AssertionError(f"server exited {process.returncode}:\n{server.log()}")
         try:
+            # Workers accept only once warm: until then a connection waits in the backlog.
             if requests.get(server.url + "/readyz", timeout=1).status_code == 200:
                 return server
-        except requests.ConnectionError:
+        except requests.RequestException:
             pass
         time.sleep(0.2)
     server.stop()

@@ -1,0 +1,48 @@
+# Two commands for a fresh machine: `make run` serves the demo model, `make test` checks it all.
+# Both are idempotent: the virtual environment and the demo model are made once and reused.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# cpu: tensorflow-cpu. On a GPU machine: make run EXTRAS=gpu,train,dev
+EXTRAS ?= cpu,train,dev
+DEMO_MODEL := models/shapes
+PORT ?= 8080
+
+.PHONY: install run test lint bench demo-model clean
+
+# The stamp depends on pyproject.toml, so a changed dependency list reinstalls.
+$(BIN)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(BIN)/.installed-$(EXTRAS)
+
+# Train the demo model on the built-in synthetic shapes dataset, unless one exists.
+demo-model: install
+	@if ls -d $(DEMO_MODEL)/[0-9]* >/dev/null 2>&1; then \
+		echo "demo model: using $(DEMO_MODEL) (delete it to retrain)"; \
+	else \
+		$(BIN)/python -m training --synthetic shapes --out models --name shapes; \
+	fi
+
+run: demo-model
+	@echo "Serving $(DEMO_MODEL) on http://localhost:$(PORT). Try, in another terminal:"
+	@echo "  curl -fsS http://localhost:$(PORT)/readyz"
+	@echo "  curl -F image=@tests/data/example.png http://localhost:$(PORT)/predict"
+	@echo "  curl --data-binary @tests/data/example.png -H 'Content-Type: image/png' http://localhost:$(PORT)/predict"
+	@echo "  curl -s http://localhost:$(PORT)/metrics | grep cnn_"
+	$(BIN)/cnn-serve --model-dir $(DEMO_MODEL) --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
