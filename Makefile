@@ -36,6 +36,10 @@ run: demo-model
 	@echo "  curl -s http://localhost:$(PORT)/metrics | grep cnn_"
 	$(BIN)/cnn-serve --model-dir $(DEMO_MODEL) --port $(PORT)
 
+# Load benchmark (issue-free loopback only): needs wrk (apt-get install wrk).
+bench: install
+	$(BIN)/python bench/run.py
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

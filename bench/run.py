@@ -1,0 +1,362 @@
+"""Load benchmark: cnn-serve under wrk, against the model's compute limit and a naive server.
+
+Run `make bench` (or `python bench/run.py --help`). Everything runs on loopback, is bounded in
+time, and every process it starts is stopped by PID. It prints one Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CLASSES = [f"class_{i}" for i in range(10)]
+
+
+@dataclass
+class Payload:
+    """One kind of request: its body file, content type and how many images it carries."""
+
+    name: str
+    path: Path
+    content_type: str
+    images: int
+
+
+@dataclass
+class Result:
+    """One wrk run against one server."""
+
+    server: str
+    payload: str
+    concurrency: int
+    requests_per_s: float
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    mean_batch: float | None
+
+
+def write_reference_model(folder: Path) -> Path:
+    """Write the design's CNN (32x32x3, 10 classes, random weights) as a model folder."""
+    from training.model import make_model
+
+    model = make_model((32, 32, 3), len(CLASSES), filters=(32, 64), dense_units=512)
+    folder.mkdir(parents=True)
+    (folder / "model.json").write_text(model.to_json())
+    model.save_weights(folder / "model.weights.h5")
+    (folder / "labels.json").write_text(json.dumps(CLASSES))
+    return folder
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """Return smooth gradients with noise: compresses and decodes like a photo."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = [128 + 100 * np.sin(x / (40 + 30 * c) + y / (55 + 20 * c) + c) for c in range(3)]
+    pixels = np.stack(channels, axis=-1) + rng.normal(0, 12, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def build_payloads(folder: Path) -> list[Payload]:
+    """Write the three request bodies: a 32x32 PNG, a 640x480 JPEG, 16 PNGs in one form."""
+    rng = np.random.default_rng(0)
+    small = encode(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), "PNG")
+    photo = encode(photo_like(640, 480, rng), "JPEG", quality=90)
+    boundary = "cnnbenchboundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + encode(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), "PNG")
+        + b"\r\n"
+        for i in range(16)
+    ]
+    form = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    bodies = [
+        ("png32", small, "image/png", 1),
+        ("jpeg640x480", photo, "image/jpeg", 1),
+        ("16xpng32", form, f"multipart/form-data; boundary={boundary}", 16),
+    ]
+    payloads = []
+    for name, body, content_type, images in bodies:
+        path = folder / f"{name}.body"
+        path.write_bytes(body)
+        payloads.append(Payload(name, path, content_type, images))
+    return payloads
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> float:
+    """Wait for `url` to answer 200; return the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} not ready after {timeout}s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for child in Path(f"/proc/{pid}/task").glob("*/children"):
+        for token in child.read_text().split():
+            pids += process_tree(int(token))
+    return pids
+
+
+def peak_memory_mb(pid: int) -> float:
+    """Sum the peak resident memory (VmHWM) of a process and its descendants."""
+    total = 0
+    for member in process_tree(pid):
+        status = Path(f"/proc/{member}/status").read_text()
+        match = re.search(r"VmHWM:\s+(\d+) kB", status)
+        total += int(match.group(1)) if match else 0
+    return total / 1024
+
+
+def scrape_batches(url: str) -> tuple[float, float]:
+    """Return (sum, count) of cnn_batch_size from the service's /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for name in ("cnn_batch_size_sum", "cnn_batch_size_count"):
+        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        values[name] = float(match.group(1)) if match else 0.0
+    return values["cnn_batch_size_sum"], values["cnn_batch_size_count"]
+
+
+def run_wrk(
+    url: str, payload: Payload, concurrency: int, duration: int, server: str, metrics: bool
+) -> Result:
+    """Drive `url`/predict with wrk at one concurrency; read the mean batch from /metrics."""
+    before = scrape_batches(url) if metrics else None
+    command = [
+        "wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--timeout", "10s",
+        "-s", str(HERE / "post.lua"), url + "/predict", "--", str(payload.path),
+        payload.content_type,
+    ]  # fmt: skip
+    output = subprocess.run(
+        command, capture_output=True, text=True, timeout=duration + 60, check=True
+    ).stdout
+    summary = json.loads(output.strip().splitlines()[-1])
+    seconds = summary["duration_us"] / 1e6
+    mean_batch = None
+    if before is not None:
+        after = scrape_batches(url)
+        count = after[1] - before[1]
+        mean_batch = (after[0] - before[0]) / count if count else None
+    requests_per_s = summary["requests"] / seconds
+    return Result(
+        server,
+        payload.name,
+        concurrency,
+        requests_per_s,
+        requests_per_s * payload.images,
+        summary["p50_us"] / 1000,
+        summary["p99_us"] / 1000,
+        sum(summary["errors"].values()),
+        mean_batch,
+    )
+
+
+def compute_limit(model_dir: Path, seconds: float) -> dict[int, float]:
+    """Time the model alone in-process at several batch sizes; return images/s by size."""
+    from service.runtime import load_classifier
+
+    classifier = load_classifier(model_dir, max_batch_size=128)
+    classifier.warm_up()
+    rates = {}
+    for size in (1, 32, 128):
+        inputs = np.random.default_rng(size).random((size, 32, 32, 3), dtype=np.float32)
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            classifier.predict_batch(inputs)
+            count += size
+        rates[size] = count / (time.perf_counter() - started)
+    return rates
+
+
+def start_service(model_dir: Path, port: int, folder: Path, env: dict[str, str]):
+    environment = {
+        **os.environ,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "MODEL_DIR": str(model_dir),
+        "PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics"),
+        "LOG_LEVEL": "WARNING",
+        **env,
+    }
+    log = open(folder / "service.log", "wb")  # noqa: SIM115 - lives as long as the server
+    return subprocess.Popen(
+        [sys.executable, "-m", "service"], env=environment, stdout=log, stderr=log
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated levels")
+    parser.add_argument(
+        "--env", action="append", default=[], help="extra service setting, e.g. WORKERS=2"
+    )
+    parser.add_argument("--skip-naive", action="store_true", help="skip the naive baseline")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench needs wrk (Debian package 'wrk')")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    service_env = dict(item.split("=", 1) for item in args.env)
+
+    with tempfile.TemporaryDirectory(prefix="cnn-bench-") as tmp:
+        folder = Path(tmp)
+        model_dir = write_reference_model(folder / "model")
+        payloads = build_payloads(folder)
+        limits = compute_limit(model_dir, seconds=3.0)
+        results: list[Result] = []
+
+        if not args.skip_naive:
+            port = free_port()
+            naive = subprocess.Popen(
+                [sys.executable, str(HERE / "naive_server.py"), str(model_dir), str(port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                url = f"http://127.0.0.1:{port}"
+                wait_ready_naive(url, naive)
+                results.append(run_wrk(url, payloads[0], 8, args.duration, "naive", False))
+            finally:
+                stop(naive)
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        service = start_service(model_dir, port, folder, service_env)
+        try:
+            startup_s = wait_ready(url + "/readyz", service)
+            for payload in payloads:
+                for level in levels:
+                    results.append(run_wrk(url, payload, level, args.duration, "service", True))
+            memory_mb = peak_memory_mb(service.pid)
+        finally:
+            stop(service)
+
+    print_report(results, limits, startup_s, memory_mb, service_env)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "results": [r.__dict__ for r in results],
+                    "compute_limit": limits,
+                    "startup_s": startup_s,
+                    "peak_memory_mb": memory_mb,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+def wait_ready_naive(url: str, process: subprocess.Popen) -> None:
+    """Wait until the naive server answers a POST (it has no health endpoint)."""
+    started = time.monotonic()
+    while time.monotonic() - started < 120:
+        if process.poll() is not None:
+            raise SystemExit("the naive server exited")
+        try:
+            with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), 1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit("the naive server never listened")
+
+
+def print_report(
+    results: list[Result],
+    limits: dict[int, float],
+    startup_s: float,
+    memory_mb: float,
+    env: dict[str, str],
+) -> None:
+    cpu = platform.processor() or platform.machine()
+    print(f"\nMachine: {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}")
+    if env:
+        print("Service settings: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    best_limit = max(limits.values())
+    print(
+        "Compute limit (model alone, in-process): "
+        + ", ".join(f"batch {b}: {r:,.0f} images/s" for b, r in limits.items())
+    )
+    print(f"Start-up to ready: {startup_s:.1f} s; peak memory (all processes): {memory_mb:.0f} MB")
+    print()
+    print(
+        "| server | payload | concurrency | images/s | requests/s | p50 ms | p99 ms | errors "
+        "| mean batch |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        batch = f"{r.mean_batch:.1f}" if r.mean_batch else "-"
+        print(
+            f"| {r.server} | {r.payload} | {r.concurrency} | {r.images_per_s:,.0f} | "
+            f"{r.requests_per_s:,.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {batch} |"
+        )
+    naive = next((r for r in results if r.server == "naive"), None)
+    print()
+    for name in dict.fromkeys(r.payload for r in results if r.server == "service"):
+        best = max(
+            (r for r in results if r.server == "service" and r.payload == name),
+            key=lambda r: r.images_per_s,
+        )
+        ratios = f"{best.images_per_s / best_limit:.0%} of the compute limit"
+        if naive is not None and name == naive.payload:
+            ratios += f", {best.images_per_s / naive.images_per_s:.0f}x the naive server"
+        print(
+            f"- {name}: best {best.images_per_s:,.0f} images/s at c={best.concurrency} ({ratios})"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
