@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from service import model_dir
 from service.errors import ModelLoadError
@@ -49,10 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         model_dir.read(settings.model_dir)  # the common faults, found without TensorFlow
-        with _native_stderr_discarded():
-            from service.runtime import load_classifier
+        from service.runtime import load_classifier
 
-            classifier = load_classifier(settings.model_dir, settings.max_batch_size)
+        classifier = load_classifier(settings.model_dir, settings.max_batch_size)
     except ModelLoadError as exc:
         print(f"cnn-serve: error: {exc}", file=sys.stderr)
         return 1
@@ -65,17 +62,3 @@ def main(argv: list[str] | None = None) -> int:
     # exec: the checked model and TensorFlow go away; workers load their own after the fork.
     os.execve(sys.executable, argv_gunicorn, environment)
     return 0  # not reached
-
-
-@contextmanager
-def _native_stderr_discarded() -> Iterator[None]:
-    """Discard what TensorFlow's C++ core prints at import, so a fault reads as one line."""
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(devnull)
-        os.close(saved)

@@ -43,30 +43,13 @@ limit_request_line = 8190
 # The control socket (gunicorn >= 25) is for interactive admin; in a container with a
 # read-only root filesystem and in parallel test runs it only gets in the way.
 control_socket_disable = True
-# Access logs are off: latency and status per endpoint are in /metrics, errors in the JSON log.
+# No access line per request: latency and status per endpoint are in /metrics, errors in the
+# JSON log. (Any logconfig would turn gunicorn's access formatting back on for every request.)
 accesslog = None
 errorlog = "-"
 loglevel = _settings.log_level.lower()
 # gunicorn's own lines as JSON too, so a log shipper parses one format.
-_json_stderr = {"handlers": ["stderr"], "level": _settings.log_level, "propagate": False}
-logconfig_dict = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "service.logs.JsonFormatter"}},
-    "handlers": {
-        "stderr": {
-            "class": "logging.StreamHandler",
-            "formatter": "json",
-            "stream": "ext://sys.stderr",
-        }
-    },
-    "root": {"handlers": ["stderr"], "level": "WARNING"},
-    # gunicorn.access at WARNING: no line per request (see accesslog above).
-    "loggers": {
-        "gunicorn.error": _json_stderr,
-        "gunicorn.access": {**_json_stderr, "level": "WARNING"},
-    },
-}
+logger_class = "service.logs.GunicornLogger"
 
 # prometheus_client's multiprocess mode needs a folder shared by all workers, set before any
 # worker imports prometheus_client.
@@ -93,7 +76,8 @@ def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
         worker.notify()
 
     def drain_then_exit(signum: int, frame: object) -> None:
-        service.drain()
+        if not service.drain():
+            return  # a repeated SIGTERM changes nothing
         timer = threading.Timer(_settings.drain_s, worker.handle_exit, (signum, frame))
         timer.daemon = True
         timer.start()

@@ -160,11 +160,14 @@ class ModelService:
             body["error"] = self.failure
         return body
 
-    def drain(self) -> None:
-        """Report not-ready from now on, while still answering what arrives."""
+    def drain(self) -> bool:
+        """Report not-ready from now on, still answering what arrives; False if already so."""
+        if self.status is Status.DRAINING:
+            return False
         self.status = Status.DRAINING
         metrics.READY.set(0)
         log.info("draining: readiness now reports 503")
+        return True
 
     def close(self, timeout: float | None = None) -> None:
         """Finish queued work and stop the batcher."""

@@ -7,6 +7,7 @@ import sys
 import time
 
 import orjson
+from gunicorn.glogging import Logger
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is logged.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -38,3 +39,13 @@ def configure(level: str = "INFO") -> None:
         handler.setFormatter(JsonFormatter())
         root.addHandler(handler)
         root.propagate = False
+
+
+class GunicornLogger(Logger):
+    """gunicorn's logger, writing its lines through JsonFormatter."""
+
+    def setup(self, cfg: object) -> None:
+        """Set gunicorn's handlers up as usual, then make them write JSON."""
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(JsonFormatter())

@@ -5,17 +5,34 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras
 import numpy as np
-import tensorflow as tf
 
 from service import model_dir
 from service.errors import ModelLoadError
 from service.model_dir import ModelInfo
+
+
+@contextlib.contextmanager
+def _native_stderr_discarded() -> Iterator[None]:
+    """Discard what TensorFlow's C++ core prints at import: logs stay one JSON line each."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+with _native_stderr_discarded():
+    import keras
+    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
