@@ -31,8 +31,8 @@ demo-model: install
 run: demo-model
 	@echo "Serving $(DEMO_MODEL) on http://localhost:$(PORT). Try, in another terminal:"
 	@echo "  curl -fsS http://localhost:$(PORT)/readyz"
-	@echo "  curl -F image=@tests/data/example.png http://localhost:$(PORT)/predict"
-	@echo "  curl --data-binary @tests/data/example.png -H 'Content-Type: image/png' http://localhost:$(PORT)/predict"
+	@echo "  curl -F image=@examples/circle.png http://localhost:$(PORT)/predict"
+	@echo "  curl --data-binary @examples/circle.png -H 'Content-Type: image/png' http://localhost:$(PORT)/predict"
 	@echo "  curl -s http://localhost:$(PORT)/metrics | grep cnn_"
 	$(BIN)/cnn-serve --model-dir $(DEMO_MODEL) --port $(PORT)
 

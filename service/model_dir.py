@@ -122,6 +122,11 @@ def read(path: Path) -> ModelFiles:
         config = json.loads(architecture)
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{folder / MODEL_JSON}: not valid JSON ({exc})") from None
+    if isinstance(config, dict):
+        # A compiled model's to_json() names its optimizer, loss and metrics; serving never
+        # compiles, so that part is dropped unread rather than deserialized.
+        config.pop("compile_config", None)
+        architecture = json.dumps(config)
     refuse_unsafe_objects(config, folder / MODEL_JSON)
     weights = folder / WEIGHTS
     if not weights.is_file():

@@ -48,6 +48,14 @@ def test_predictions_equal_the_keras_model_at_every_batch_size(good, cnn):
         )
 
 
+def test_compiled_models_json_loads_without_its_training_settings(tmp_path):
+    model = make_cnn()
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    assert "compile_config" in model.to_json()
+    classifier = load_classifier(write_model(tmp_path / "m", model, LABELS))
+    assert classifier.info.labels == tuple(LABELS)
+
+
 def test_softmax_is_applied_when_the_model_lacks_one(tmp_path):
     logits_model = make_cnn(softmax=False)
     classifier = load_classifier(write_model(tmp_path / "m", logits_model, LABELS))
