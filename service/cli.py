@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-dir", help="model folder or folder of versions [MODEL_DIR]")
     parser.add_argument("--host", help="address to bind [HOST, default 0.0.0.0]")
     parser.add_argument("--port", type=int, help="port to bind [PORT, default 8080]")
-    parser.add_argument("--workers", type=int, help="worker processes [WORKERS, default 1]")
+    parser.add_argument("--workers", type=int, help="worker processes [WORKERS, default: cores]")
     parser.add_argument("--threads", type=int, help="threads per worker [THREADS, default 16]")
     parser.add_argument(
         "--check", action="store_true", help="only load and check the model folder, then exit"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 
@@ -22,8 +23,9 @@ bind = (
     if ":" in _settings.host
     else (f"{_settings.host}:{_settings.port}")
 )
-# One process per core (or per GPU): each holds one model and one batcher.
-workers = _settings.workers
+# One process per core (or per GPU): each holds one model and one batcher, and has its own
+# GIL, so parsing, decoding and the batcher's Python work spread over the cores.
+workers = _settings.worker_count
 # gthread: request threads parse and decode uploads in parallel while the batcher's thread
 # runs the model; the GIL is released in Pillow and TensorFlow, so threads overlap well.
 worker_class = "gthread"
@@ -62,6 +64,17 @@ def on_starting(server: object) -> None:
     folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder, exist_ok=True)
+
+
+def when_ready(server) -> None:  # type: ignore[no-untyped-def]
+    """Turn Nagle's algorithm off on the listening sockets (accepted sockets inherit it).
+
+    gunicorn sends a response's headers and body in two writes; with Nagle on, the body
+    waits for the client's delayed ACK of the headers, up to 200 ms on Linux.
+    """
+    for listener in server.LISTENERS:
+        if listener.sock.family in (socket.AF_INET, socket.AF_INET6):
+            listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]

@@ -123,7 +123,7 @@ class ModelService:
         return load_classifier(
             self.settings.model_dir,
             max_batch_size=self.settings.max_batch_size,
-            intra_op_threads=self.settings.tf_intra_op_threads,
+            intra_op_threads=self.settings.tf_threads,
         )
 
     def _fail(self, message: str) -> None:

@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+# More workers than this each hold a model copy for little gain; set WORKERS to go beyond.
+MAX_AUTO_WORKERS = 8
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value the service cannot use."""
@@ -21,8 +24,9 @@ class Settings:
     # Address and port gunicorn binds.
     host: str = "0.0.0.0"
     port: int = 8080
-    # Gunicorn worker processes; each loads its own copy of the model (one per GPU on GPU nodes).
-    workers: int = 1
+    # Gunicorn worker processes, each with its own model and batcher (about 600 MB each); 0: one
+    # per CPU core this process may use, at most 8. On GPU nodes: one per GPU.
+    workers: int = 0
     # Request threads per worker: they parse and decode uploads while the batcher runs the model.
     threads: int = 16
     # Largest batch one forward pass takes; batches are padded up to powers of two below it.
@@ -41,7 +45,7 @@ class Settings:
     max_images_per_request: int = 64
     # Seconds a worker keeps serving after SIGTERM, answering /readyz with 503, before it stops.
     drain_s: float = 1.0
-    # TensorFlow intra-op threads per worker (0: TensorFlow's default, one per core).
+    # TensorFlow intra-op threads per worker; 0: the usable cores shared out among the workers.
     tf_intra_op_threads: int = 0
     # Bearer token required on /predict; empty means no authentication.
     api_token: str = ""
@@ -52,7 +56,6 @@ class Settings:
 
     def __post_init__(self) -> None:
         positive = (
-            "workers",
             "threads",
             "max_batch_size",
             "max_queue",
@@ -64,7 +67,7 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be positive, got {getattr(self, name)}")
-        for name in ("max_batch_delay_ms", "drain_s", "tf_intra_op_threads"):
+        for name in ("workers", "max_batch_delay_ms", "drain_s", "tf_intra_op_threads"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name.upper()} must not be negative")
         if not 0 < self.port < 65536:
@@ -90,6 +93,16 @@ class Settings:
         return {f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
 
     @property
+    def worker_count(self) -> int:
+        """Return the number of gunicorn workers to run (resolving 0 to the core count)."""
+        return self.workers or min(_usable_cores(), MAX_AUTO_WORKERS)
+
+    @property
+    def tf_threads(self) -> int:
+        """Return TensorFlow's intra-op threads per worker (resolving 0 to a share of cores)."""
+        return self.tf_intra_op_threads or max(1, _usable_cores() // self.worker_count)
+
+    @property
     def bearer_token(self) -> str:
         """Return the configured API token, read from api_token_file when one is set."""
         if self.api_token_file:
@@ -104,3 +117,8 @@ def _parse(name: str, raw: str, kind: type) -> object:
         return kind(raw.strip()) if kind is not str else raw
     except ValueError:
         raise SettingsError(f"{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _usable_cores() -> int:
+    # The cores this process may run on (taskset, cpusets), not all of the machine's.
+    return len(os.sched_getaffinity(0))
