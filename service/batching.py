@@ -52,8 +52,12 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float,
         max_queue: int,
+        warm_up: Callable[[], None] | None = None,
     ) -> None:
         self._predict_batch = predict_batch
+        self._warm_up = warm_up
+        self._warmed = threading.Event()
+        self._warm_up_error: BaseException | None = None
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
@@ -65,8 +69,15 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
 
     def start(self) -> None:
-        """Start the inference thread."""
+        """Start the inference thread; return once it has run `warm_up` (raising its error).
+
+        Warm-up runs on the inference thread, the one thread that ever runs the model, so
+        whatever per-thread state the runtime keeps is built before the first request.
+        """
         self._thread.start()
+        self._warmed.wait()
+        if self._warm_up_error is not None:
+            raise self._warm_up_error
 
     @property
     def alive(self) -> bool:
@@ -157,6 +168,16 @@ class Batcher:
         return max(1, math.ceil(self._estimate_locked(len(self._queue))))
 
     def _run(self) -> None:
+        try:
+            if self._warm_up is not None:
+                self._warm_up()
+        except BaseException as exc:
+            self._warm_up_error = exc
+            with self._cond:
+                self._closing = True
+            return
+        finally:
+            self._warmed.set()
         try:
             while (batch := self._next_batch()) is not None:
                 self._execute(batch)

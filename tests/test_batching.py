@@ -172,6 +172,32 @@ def test_deadline_aware_admission_rejects_requests_that_cannot_make_it():
     batcher.close()
 
 
+def test_warm_up_runs_on_the_inference_thread_before_start_returns():
+    seen = []
+    batcher = Batcher(
+        RecordingModel(),
+        max_batch_size=4,
+        max_delay_s=0.0,
+        max_queue=8,
+        warm_up=lambda: seen.append(threading.current_thread().name),
+    )
+    batcher.start()
+    assert seen == ["batcher"]
+    batcher.close()
+
+
+def test_failed_warm_up_is_raised_by_start_and_leaves_the_batcher_dead():
+    def broken():
+        raise RuntimeError("no graph")
+
+    batcher = Batcher(
+        RecordingModel(), max_batch_size=4, max_delay_s=0.0, max_queue=8, warm_up=broken
+    )
+    with pytest.raises(RuntimeError, match="no graph"):
+        batcher.start()
+    assert not batcher.alive
+
+
 def test_close_finishes_queued_work_then_refuses():
     model = RecordingModel(delay_s=0.01)
     batcher = make_batcher(model, max_batch_size=2)
