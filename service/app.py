@@ -5,8 +5,11 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import socket
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -21,6 +24,7 @@ from service.errors import (
     ModelNotReady,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceError,
     Unauthorized,
     UnsupportedMediaType,
@@ -35,6 +39,7 @@ STATUS_OF_ERROR: dict[type[ServiceError], int] = {
     InvalidRequest: 400,
     InvalidImage: 400,
     Unauthorized: 401,
+    RequestTimeout: 408,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     InferenceFailed: 500,
@@ -73,7 +78,8 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     app.register_error_handler(Exception, _unexpected_error)
     app.add_url_rule("/healthz", view_func=_healthz)
     app.add_url_rule("/readyz", view_func=_readyz)
-    app.add_url_rule("/metrics", view_func=_metrics)
+    if not settings.metrics_port:
+        app.add_url_rule("/metrics", view_func=_metrics)
     app.register_blueprint(api.blueprint)
     return app
 
@@ -103,6 +109,13 @@ def _begin_request() -> None:
     g.started = time.perf_counter()
     supplied = request.headers.get("X-Request-ID", "")
     g.request_id = supplied if _REQUEST_ID.match(supplied) else _new_request_id()
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None and request.method == "POST":
+        settings: Settings = current_app.config["SETTINGS"]
+        deadline = time.monotonic() + settings.request_timeout_s
+        request.environ["wsgi.input"] = BodyWithDeadline(
+            request.environ["wsgi.input"], sock, deadline
+        )
 
 
 def _new_request_id() -> str:
@@ -139,6 +152,8 @@ def _error_response(status: int, code: str, message: str) -> Response:
 def _service_error(error: ServiceError) -> Response:
     status = next(s for cls, s in STATUS_OF_ERROR.items() if isinstance(error, cls))
     response = _error_response(status, error.code, error.message)
+    if isinstance(error, RequestTimeout):
+        response.headers["Connection"] = "close"  # the rest of the body is not worth waiting for
     if isinstance(error, Overloaded):
         response.headers["Retry-After"] = str(error.retry_after_s)
     if isinstance(error, Unauthorized):
@@ -166,3 +181,36 @@ def _unexpected_error(error: Exception) -> Response:
         {"error": {"code": "internal", "message": f"internal error (request id {g.request_id})"}},
         500,
     )
+
+
+class BodyWithDeadline:
+    """The request body stream, giving up with RequestTimeout once the deadline has passed.
+
+    Without it a client trickling its body a byte at a time holds a worker thread for as
+    long as it likes; gunicorn's gthread worker reads bodies with no timeout.
+    """
+
+    def __init__(self, stream: Any, sock: socket.socket, deadline: float) -> None:
+        self._stream = stream
+        self._sock = sock
+        self._deadline = deadline
+
+    def read(self, size: int = -1) -> bytes:
+        """Read like the wrapped stream, within the deadline."""
+        return self._within_deadline(self._stream.read, size)
+
+    def readline(self, size: int = -1) -> bytes:
+        """Read a line like the wrapped stream, within the deadline."""
+        return self._within_deadline(self._stream.readline, size)
+
+    def _within_deadline(self, method: Callable[[int], bytes], size: int) -> bytes:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise RequestTimeout("the request body did not arrive in time")
+        self._sock.settimeout(remaining)
+        try:
+            return method(size)
+        except TimeoutError:
+            raise RequestTimeout("the request body did not arrive in time") from None
+        finally:
+            self._sock.settimeout(None)

@@ -84,6 +84,11 @@ class Batcher:
         """Tell whether the inference thread runs and takes new work."""
         return self._thread.is_alive() and not self._closing
 
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Wait for the inference thread to end; tell whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def close(self, timeout: float | None = None) -> None:
         """Refuse new work, finish what is queued, and stop the inference thread."""
         with self._cond:

@@ -31,6 +31,12 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class RequestTimeout(ServiceError):
+    """The request body did not arrive before the request's deadline (a slow client)."""
+
+    code = "request_timeout"
+
+
 class UnsupportedMediaType(ServiceError):
     """The request's Content-Type is not one /predict accepts."""
 

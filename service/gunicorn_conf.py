@@ -67,14 +67,19 @@ def on_starting(server: object) -> None:
 
 
 def when_ready(server) -> None:  # type: ignore[no-untyped-def]
-    """Turn Nagle's algorithm off on the listening sockets (accepted sockets inherit it).
+    """Turn Nagle's algorithm off on the listeners; start the separate /metrics port if set.
 
     gunicorn sends a response's headers and body in two writes; with Nagle on, the body
-    waits for the client's delayed ACK of the headers, up to 200 ms on Linux.
+    waits for the client's delayed ACK of the headers. Accepted sockets inherit the option.
     """
     for listener in server.LISTENERS:
         if listener.sock.family in (socket.AF_INET, socket.AF_INET6):
             listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if _settings.metrics_port:
+        # The master merges the workers' metric files; it never imports TensorFlow.
+        from service import metrics
+
+        metrics.serve_separately(_settings.host, _settings.metrics_port)
 
 
 def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
@@ -96,6 +101,14 @@ def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
         timer.start()
 
     signal.signal(signal.SIGTERM, drain_then_exit)
+
+    def replace_worker_if_inference_dies() -> None:
+        # A dead inference thread never recovers: drain and exit, and the master starts a
+        # fresh worker (with a fresh model) in this one's place.
+        if service.batcher is not None and service.batcher.wait_stopped():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=replace_worker_if_inference_dies, daemon=True).start()
 
 
 def worker_exit(server: object, worker) -> None:  # type: ignore[no-untyped-def]

@@ -144,8 +144,10 @@ class ModelService:
 
     @property
     def alive(self) -> bool:
-        """Tell whether the process is worth keeping (liveness): anything but a failed start."""
-        return self.status is not Status.FAILED
+        """Tell whether the process is worth keeping (liveness): not failed, batcher not dead."""
+        if self.status is Status.FAILED:
+            return False
+        return not (self.status is Status.READY and self.batcher and not self.batcher.alive)
 
     def readiness(self) -> dict[str, object]:
         """Describe the service for /readyz."""

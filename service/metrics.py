@@ -18,6 +18,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    start_http_server,
 )
 
 # Millisecond-scale buckets: a 32x32 image is answered in a few ms, a batch queued behind a
@@ -77,6 +78,13 @@ MODEL_INFO = Gauge(
     ["name", "version", "input_shape", "device"],
     multiprocess_mode="livemax",
 )
+
+
+def serve_separately(host: str, port: int) -> None:
+    """Serve /metrics of all workers on their own port, from a thread of this process."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(port, addr=host, registry=registry)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -24,6 +24,8 @@ class Settings:
     # Address and port gunicorn binds.
     host: str = "0.0.0.0"
     port: int = 8080
+    # Port of a separate /metrics listener (on HOST); 0: /metrics is served on PORT.
+    metrics_port: int = 0
     # Gunicorn worker processes, each with its own model and batcher (about 600 MB each); 0: one
     # per CPU core this process may use, at most 8. On GPU nodes: one per GPU.
     workers: int = 0
@@ -72,6 +74,8 @@ class Settings:
                 raise SettingsError(f"{name.upper()} must not be negative")
         if not 0 < self.port < 65536:
             raise SettingsError(f"PORT must be in 1..65535, got {self.port}")
+        if not 0 <= self.metrics_port < 65536 or self.metrics_port == self.port:
+            raise SettingsError(f"METRICS_PORT must be 0 or a port other than PORT ({self.port})")
         if self.max_images_per_request > self.max_queue:
             raise SettingsError("MAX_IMAGES_PER_REQUEST must not exceed MAX_QUEUE")
 
