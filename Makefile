@@ -9,7 +9,7 @@ EXTRAS ?= cpu,train,dev
 DEMO_MODEL := models/shapes
 PORT ?= 8080
 
-.PHONY: install run test lint bench demo-model clean
+.PHONY: install run test lint bench audit demo-model clean
 
 # The stamp depends on pyproject.toml, so a changed dependency list reinstalls.
 $(BIN)/.installed-$(EXTRAS): pyproject.toml
@@ -39,6 +39,12 @@ run: demo-model
 # Load benchmark (issue-free loopback only): needs wrk (apt-get install wrk).
 bench: install
 	$(BIN)/python bench/run.py
+
+# Known-vulnerability audit of the installed dependencies; needs the PyPI JSON API or OSV,
+# which the development and CI machines cannot reach.
+audit: install
+	$(BIN)/python -m pip install --quiet pip-audit
+	$(BIN)/pip-audit --skip-editable
 
 lint: install
 	$(BIN)/ruff check .
