@@ -164,7 +164,10 @@ def _service_error(error: ServiceError) -> Response:
 def _http_error(error: HTTPException) -> Response:
     if isinstance(error, RequestEntityTooLarge):
         settings: Settings = current_app.config["SETTINGS"]
-        message = f"the request body is over the limit of {settings.max_body_bytes} bytes"
+        message = (
+            f"the request body is over the limit of {settings.max_body_bytes} bytes "
+            "(or has too many form parts)"
+        )
         return _error_response(413, PayloadTooLarge.code, message)
     status = error.code or 500
     code = (error.name or "error").lower().replace(" ", "_")
@@ -178,7 +181,12 @@ def _unexpected_error(error: Exception) -> Response:
     log.exception("unhandled error", extra={"request_id": g.get("request_id")})
     metrics.ERRORS.labels("internal").inc()
     return json_response(
-        {"error": {"code": "internal", "message": f"internal error (request id {g.request_id})"}},
+        {
+            "error": {
+                "code": "internal",
+                "message": f"internal error (request id {g.get('request_id', '-')})",
+            }
+        },
         500,
     )
 
