@@ -7,11 +7,11 @@ loaded by each worker after the fork (TensorFlow is not fork-safe), so no `prelo
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import tempfile
 import threading
+from pathlib import Path
 
 from service.settings import Settings
 
@@ -61,9 +61,11 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 def on_starting(server: object) -> None:
     """Wipe metric files a previous run left, before any worker writes new ones."""
-    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder, exist_ok=True)
+    folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    # Only prometheus_client's own files: the folder may be a mount point, or shared.
+    for stale in folder.glob("*.db"):
+        stale.unlink(missing_ok=True)
 
 
 def when_ready(server) -> None:  # type: ignore[no-untyped-def]
