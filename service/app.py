@@ -5,17 +5,15 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-import socket
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
 
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service import api, logs, metrics
 from service.api import json_response
+from service.body_deadline import BodyWithDeadline
 from service.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -189,36 +187,3 @@ def _unexpected_error(error: Exception) -> Response:
         },
         500,
     )
-
-
-class BodyWithDeadline:
-    """The request body stream, giving up with RequestTimeout once the deadline has passed.
-
-    Without it a client trickling its body a byte at a time holds a worker thread for as
-    long as it likes; gunicorn's gthread worker reads bodies with no timeout.
-    """
-
-    def __init__(self, stream: Any, sock: socket.socket, deadline: float) -> None:
-        self._stream = stream
-        self._sock = sock
-        self._deadline = deadline
-
-    def read(self, size: int = -1) -> bytes:
-        """Read like the wrapped stream, within the deadline."""
-        return self._within_deadline(self._stream.read, size)
-
-    def readline(self, size: int = -1) -> bytes:
-        """Read a line like the wrapped stream, within the deadline."""
-        return self._within_deadline(self._stream.readline, size)
-
-    def _within_deadline(self, method: Callable[[int], bytes], size: int) -> bytes:
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            raise RequestTimeout("the request body did not arrive in time")
-        self._sock.settimeout(remaining)
-        try:
-            return method(size)
-        except TimeoutError:
-            raise RequestTimeout("the request body did not arrive in time") from None
-        finally:
-            self._sock.settimeout(None)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from PIL import Image
 
 from service.errors import InvalidImage, PayloadTooLarge
 from service.preprocessing import InputSpec, decode_image, preprocess, to_model_input
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, png_bomb
 
 RGB = InputSpec(32, 32, 3)
 GRAY = InputSpec(28, 24, 1)
@@ -22,24 +20,6 @@ def encode(image: Image.Image, fmt: str = "PNG", **args) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **args)
     return buffer.getvalue()
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """Return a valid few-KB grayscale PNG header+data claiming width x height pixels."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(payload))
-            + kind
-            + payload
-            + struct.pack(">I", zlib.crc32(kind + payload))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    rows = zlib.compress(b"\x00" * (width + 1) * 16, 9)  # first rows only; the rest is absent
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
-    )
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import re
 import socket
 import subprocess
 import sys
@@ -16,20 +15,9 @@ import pytest
 import requests
 
 from tests.conftest import LABELS, distinct_images, expected_probabilities, free_port, image_bytes
+from tests.load import metric, post_png
 
 pytestmark = pytest.mark.slow
-
-
-def metric(text: str, name: str) -> float:
-    """Return the value of one sample line of a Prometheus exposition."""
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in metrics"
-    return float(match.group(1))
-
-
-def post_png(url: str, data: bytes, **headers: str) -> requests.Response:
-    headers = {"Content-Type": "image/png", **headers}
-    return requests.post(url + "/predict", data=data, headers=headers, timeout=30)
 
 
 def test_each_input_format_answers_the_models_own_output(

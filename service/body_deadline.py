@@ -1,0 +1,113 @@
+"""Bound the time a request body may take to arrive, so a slow client cannot hold a thread.
+
+gunicorn's gthread worker reads a body with blocking `recv` calls and no timeout, and a
+socket timeout would not help: it bounds each `recv`, and a client sending a byte every
+half second satisfies every one of them. Instead one watchdog thread per process shuts the
+read side of any socket whose body is still being read at its deadline; the blocked read
+then returns, and the request answers 408.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import socket
+import threading
+import time
+from typing import Any
+
+from service.errors import RequestTimeout
+
+
+class _Watch:
+    __slots__ = ("active", "deadline", "fired", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.active = True
+        self.fired = False
+
+
+class SocketWatchdog:
+    """Shut the read side of sockets still watched at their deadline (one thread)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, deadline: float) -> _Watch:
+        """Start watching `sock` until `deadline` (monotonic seconds)."""
+        entry = _Watch(sock, deadline)
+        with self._cond:
+            if self._thread is None:
+                # Started on first use, so in the worker after gunicorn's fork.
+                self._thread = threading.Thread(target=self._run, name="body-deadline")
+                self._thread.daemon = True
+                self._thread.start()
+            heapq.heappush(self._heap, (deadline, next(self._order), entry))
+            if self._heap[0][2] is entry:
+                self._cond.notify()
+        return entry
+
+    def release(self, entry: _Watch) -> bool:
+        """Stop watching; tell whether the deadline had already fired."""
+        with self._cond:
+            entry.active = False
+            return entry.fired
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or not self._heap[0][2].active:
+                    if self._heap:
+                        heapq.heappop(self._heap)
+                    else:
+                        self._cond.wait()
+                deadline, _, entry = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                entry.fired = True
+            # OSError: already closed by the client or the worker.
+            with contextlib.suppress(OSError):
+                entry.sock.shutdown(socket.SHUT_RD)
+
+
+WATCHDOG = SocketWatchdog()
+
+
+class BodyWithDeadline:
+    """The request body stream, raising RequestTimeout once the request's deadline passes."""
+
+    def __init__(self, stream: Any, sock: socket.socket, deadline: float) -> None:
+        self._stream = stream
+        self._sock = sock
+        self._deadline = deadline
+
+    def read(self, size: int = -1) -> bytes:
+        """Read like the wrapped stream, within the deadline."""
+        return self._within_deadline(self._stream.read, size)
+
+    def readline(self, size: int = -1) -> bytes:
+        """Read a line like the wrapped stream, within the deadline."""
+        return self._within_deadline(self._stream.readline, size)
+
+    def _within_deadline(self, method: Any, size: int) -> bytes:
+        if time.monotonic() >= self._deadline:
+            raise RequestTimeout("the request body did not arrive in time")
+        entry = WATCHDOG.watch(self._sock, self._deadline)
+        try:
+            data = method(size)
+        except Exception:
+            if WATCHDOG.release(entry):
+                raise RequestTimeout("the request body did not arrive in time") from None
+            raise
+        if WATCHDOG.release(entry):
+            raise RequestTimeout("the request body did not arrive in time")
+        return data
