@@ -10,11 +10,10 @@ then returns, and the request answers 408.
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from service.errors import RequestTimeout
@@ -31,12 +30,15 @@ class _Watch:
 
 
 class SocketWatchdog:
-    """Shut the read side of sockets still watched at their deadline (one thread)."""
+    """Shut the read side of sockets still watched at their deadline (one thread).
+
+    Every request gets the same timeout, so deadlines arrive in order and a FIFO queue serves
+    as the timer list; finished entries are dropped from its front as they are released.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, _Watch]] = []
-        self._order = itertools.count()
+        self._queue: deque[_Watch] = deque()
         self._thread: threading.Thread | None = None
 
     def watch(self, sock: socket.socket, deadline: float) -> _Watch:
@@ -48,8 +50,8 @@ class SocketWatchdog:
                 self._thread = threading.Thread(target=self._run, name="body-deadline")
                 self._thread.daemon = True
                 self._thread.start()
-            heapq.heappush(self._heap, (deadline, next(self._order), entry))
-            if self._heap[0][2] is entry:
+            self._queue.append(entry)
+            if len(self._queue) == 1:
                 self._cond.notify()
         return entry
 
@@ -57,22 +59,26 @@ class SocketWatchdog:
         """Stop watching; tell whether the deadline had already fired."""
         with self._cond:
             entry.active = False
+            self._drop_released()
             return entry.fired
+
+    def _drop_released(self) -> None:
+        while self._queue and not self._queue[0].active:
+            self._queue.popleft()
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._heap or not self._heap[0][2].active:
-                    if self._heap:
-                        heapq.heappop(self._heap)
-                    else:
-                        self._cond.wait()
-                deadline, _, entry = self._heap[0]
-                wait = deadline - time.monotonic()
+                self._drop_released()
+                if not self._queue:
+                    self._cond.wait()
+                    continue
+                entry = self._queue[0]
+                wait = entry.deadline - time.monotonic()
                 if wait > 0:
                     self._cond.wait(wait)
                     continue
-                heapq.heappop(self._heap)
+                self._queue.popleft()
                 entry.fired = True
             # OSError: already closed by the client or the worker.
             with contextlib.suppress(OSError):
