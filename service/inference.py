@@ -154,7 +154,7 @@ class ModelService:
         status = self.status.value
         if self.status is Status.READY and not self.ready:
             status = "batcher_stopped"
-        body: dict[str, object] = {"status": status if not self.ready else "ready"}
+        body: dict[str, object] = {"status": status}
         if self.classifier is not None:
             info = self.classifier.info
             body["model"] = {

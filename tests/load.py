@@ -23,9 +23,10 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
-def post_png(url: str, data: bytes, **headers: str) -> requests.Response:
+def post_png(url: str, data: bytes, query: str = "", **headers: str) -> requests.Response:
+    """POST `data` as a raw image/png body to `url`/predict`query`."""
     headers = {"Content-Type": "image/png", **headers}
-    return requests.post(url + "/predict", data=data, headers=headers, timeout=30)
+    return requests.post(f"{url}/predict{query}", data=data, headers=headers, timeout=30)
 
 
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_status.lua"

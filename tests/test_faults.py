@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from tests.conftest import free_port, image_bytes
+from tests.load import post_png
 
 pytestmark = pytest.mark.slow
 
@@ -17,11 +18,6 @@ FAULT_APP = "tests.fault_app:create()"
 BLACK = image_bytes((32, 32), color=(0, 0, 0))  # the fault app's forward pass raises
 WHITE = image_bytes((32, 32), color=(255, 255, 255))  # the fault app's inference thread dies
 GREY = image_bytes((32, 32), color=(128, 128, 128))  # the fault app's forward pass takes 2 s
-
-
-def predict(url: str, data: bytes, params: str = "", **headers: str) -> requests.Response:
-    headers = {"Content-Type": "image/png", **headers}
-    return requests.post(f"{url}/predict{params}", data=data, headers=headers, timeout=30)
 
 
 def in_background(call, *args) -> dict:
@@ -35,11 +31,11 @@ def in_background(call, *args) -> dict:
 
 def test_failing_forward_pass_fails_only_its_batch(server_factory, model_dir):
     server = server_factory(model_dir, app=FAULT_APP)
-    failed = predict(server.url, BLACK)
+    failed = post_png(server.url, BLACK)
     assert failed.status_code == 500
     assert failed.json()["error"]["code"] == "inference_failed"
     assert "Traceback" not in failed.text
-    assert predict(server.url, image_bytes()).status_code == 200
+    assert post_png(server.url, image_bytes()).status_code == 200
     assert requests.get(server.url + "/readyz", timeout=5).status_code == 200
     assert failed.headers["X-Request-ID"] in server.log(), "the 5xx is logged with its request id"
 
@@ -48,11 +44,11 @@ def test_dead_inference_thread_turns_not_ready_and_the_worker_is_replaced(
     server_factory, model_dir
 ):
     server = server_factory(model_dir, app=FAULT_APP, DRAIN_S="3")
-    assert predict(server.url, WHITE).status_code == 500
+    assert post_png(server.url, WHITE).status_code == 500
     readiness = requests.get(server.url + "/readyz", timeout=5)
     assert readiness.status_code == 503
     assert readiness.json()["status"] in ("batcher_stopped", "draining")
-    assert predict(server.url, image_bytes()).status_code == 503
+    assert post_png(server.url, image_bytes()).status_code == 503
     deadline = time.monotonic() + 90
     while True:
         assert time.monotonic() < deadline, "no fresh worker became ready"
@@ -62,16 +58,16 @@ def test_dead_inference_thread_turns_not_ready_and_the_worker_is_replaced(
         except requests.RequestException:
             pass
         time.sleep(0.2)
-    assert predict(server.url, image_bytes()).status_code == 200
+    assert post_png(server.url, image_bytes()).status_code == 200
     assert "the inference thread died" in server.log()
 
 
 def test_image_still_queued_at_its_deadline_gets_504(server_factory, model_dir):
     server = server_factory(model_dir, app=FAULT_APP)
-    slow = in_background(predict, server.url, GREY)
+    slow = in_background(post_png, server.url, GREY)
     time.sleep(0.5)  # the slow batch is running now
     started = time.monotonic()
-    late = predict(server.url, image_bytes(), "?timeout=0.5")
+    late = post_png(server.url, image_bytes(), "?timeout=0.5")
     waited = time.monotonic() - started
     assert late.status_code == 504, late.text
     assert late.json()["error"]["code"] == "timeout"
@@ -82,13 +78,13 @@ def test_image_still_queued_at_its_deadline_gets_504(server_factory, model_dir):
 
 def test_request_that_cannot_meet_its_deadline_is_refused_at_once(server_factory, model_dir):
     server = server_factory(model_dir, app=FAULT_APP)
-    assert predict(server.url, GREY).status_code == 200  # teaches the batcher: a batch ~2 s
-    slow = in_background(predict, server.url, GREY)
+    assert post_png(server.url, GREY).status_code == 200  # teaches the batcher: a batch ~2 s
+    slow = in_background(post_png, server.url, GREY)
     time.sleep(0.3)
-    queued = in_background(predict, server.url, image_bytes(seed=5))
+    queued = in_background(post_png, server.url, image_bytes(seed=5))
     time.sleep(0.3)
     started = time.monotonic()
-    refused = predict(server.url, image_bytes(seed=6), "", **{"X-Request-Timeout": "0.5"})
+    refused = post_png(server.url, image_bytes(seed=6), "", **{"X-Request-Timeout": "0.5"})
     assert time.monotonic() - started < 0.4, "refusal should not wait for the deadline"
     assert refused.status_code == 503, refused.text
     assert refused.json()["error"]["code"] == "overloaded"
@@ -103,11 +99,11 @@ def test_request_that_cannot_meet_its_deadline_is_refused_at_once(server_factory
 def test_bearer_token_guards_predict_but_not_probes(server_factory, model_dir):
     token = "s3cret-token-value"
     server = server_factory(model_dir, API_TOKEN=token)
-    missing = predict(server.url, image_bytes())
+    missing = post_png(server.url, image_bytes())
     assert missing.status_code == 401
     assert missing.headers["WWW-Authenticate"] == "Bearer"
-    assert predict(server.url, image_bytes(), Authorization="Bearer wrong").status_code == 401
-    assert predict(server.url, image_bytes(), Authorization=f"Bearer {token}").status_code == 200
+    assert post_png(server.url, image_bytes(), Authorization="Bearer wrong").status_code == 401
+    assert post_png(server.url, image_bytes(), Authorization=f"Bearer {token}").status_code == 200
     for path in ("/healthz", "/readyz", "/metrics"):
         assert requests.get(server.url + path, timeout=5).status_code == 200
     assert token not in server.log()
@@ -116,7 +112,7 @@ def test_bearer_token_guards_predict_but_not_probes(server_factory, model_dir):
 def test_metrics_can_live_on_their_own_port(server_factory, model_dir):
     metrics_port = free_port()
     server = server_factory(model_dir, WORKERS="2", METRICS_PORT=str(metrics_port))
-    assert predict(server.url, image_bytes()).status_code == 200
+    assert post_png(server.url, image_bytes()).status_code == 200
     separate = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
     assert separate.status_code == 200
     assert "cnn_images_predicted_total 1.0" in separate.text

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from tests.conftest import distinct_images, free_port
+from tests.load import post_png
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +25,8 @@ def require(tool: str) -> str:
 
 def send_traffic(url: str, count: int) -> None:
     for data in distinct_images(count):
-        response = requests.post(
-            url + "/predict", data=data, headers={"Content-Type": "image/png"}, timeout=30
-        )
-        assert response.status_code == 200
-    requests.post(url + "/predict", data=b"junk", headers={"Content-Type": "image/png"}, timeout=30)
+        assert post_png(url, data).status_code == 200
+    assert post_png(url, b"junk").status_code == 400
 
 
 def test_promtool_finds_no_problem_in_the_exposition(server_factory, model_dir):
