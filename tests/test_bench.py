@@ -1,0 +1,40 @@
+"""The benchmark still runs end to end (a smoke run: its figures are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_runs_and_reports_every_payload_without_errors(tmp_path):
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (Debian package 'wrk'; .ci/run installs it)")
+    report = tmp_path / "bench.json"
+    command = [sys.executable, "bench/run.py", "--duration", "1", "--concurrency", "2"]
+    result = subprocess.run(
+        [*command, "--json", str(report)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "| server | payload | concurrency |" in result.stdout
+    results = json.loads(report.read_text())["results"]
+    assert {(r["server"], r["payload"]) for r in results} == {
+        ("naive", "png32"),
+        ("service", "png32"),
+        ("service", "jpeg640x480"),
+        ("service", "16xpng32"),
+    }
+    assert all(r["errors"] == 0 and r["requests_per_s"] > 0 for r in results)
+    assert all(r["mean_batch"] >= 1 for r in results if r["server"] == "service")
