@@ -108,10 +108,10 @@ class Batcher:
         finally:
             arrival.leave()
 
-    def estimated_wait_s(self, extra: int = 0) -> float:
-        """Estimate how long an image enqueued now (behind `extra` more) waits for its result."""
+    def estimated_wait_s(self) -> float:
+        """Estimate how long the images queued now wait for their batches to run."""
         with self._cond:
-            return self._estimate_locked(len(self._queue) + extra)
+            return self._estimate_locked(len(self._queue))
 
     def predict(
         self, inputs: Sequence[np.ndarray], deadline: float, arrival: Arrival | None = None
