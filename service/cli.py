@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 from service import model_dir
 from service.errors import ModelLoadError
+from service.model_dir import ModelFiles
 from service.settings import Settings, SettingsError
 
 GUNICORN_ARGS = ["--config", "python:service.gunicorn_conf", "service.app:create_app()"]
@@ -42,23 +45,49 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             threads=args.threads,
         )
+        settings.bearer_token  # noqa: B018 - an unreadable token file stops start-up here
     except SettingsError as exc:
         print(f"cnn-serve: error: {exc}", file=sys.stderr)
         return 2
+    if missing := missing_tensorflow():
+        print(f"cnn-serve: error: {missing}", file=sys.stderr)
+        return 1
+    # The workers' environment, taken before the check below switches Keras's backend.
+    environment = {**os.environ, **settings.as_env()}
     try:
-        model_dir.read(settings.model_dir)  # the common faults, found without TensorFlow
-        from service.runtime import load_classifier
-
-        classifier = load_classifier(settings.model_dir, settings.max_batch_size)
+        files = check_model(settings.model_dir)
     except ModelLoadError as exc:
         print(f"cnn-serve: error: {exc}", file=sys.stderr)
         return 1
     if args.check:
-        info = classifier.info
-        print(f"cnn-serve: {info.name} version {info.version} loads: {len(info.labels)} classes")
+        print(f"cnn-serve: {files.name} version {files.version} loads: {len(files.labels)} classes")
         return 0
-    environment = {**os.environ, **settings.as_env()}
     argv_gunicorn = [sys.executable, "-m", "gunicorn", *GUNICORN_ARGS]
-    # exec: the checked model and TensorFlow go away; workers load their own after the fork.
+    # exec: the checked model goes away; workers load their own after the fork.
     os.execve(sys.executable, argv_gunicorn, environment)
     return 0  # not reached
+
+
+def missing_tensorflow() -> str:
+    """Return why TensorFlow cannot be imported and which extra brings it, or "" if it can."""
+    if importlib.util.find_spec("tensorflow") is not None:
+        return ""
+    return (
+        "TensorFlow is not installed; install the package with one of its builds: "
+        "pip install 'cnn-serving[cpu]' (or 'cnn-serving[gpu]' on a CUDA machine)"
+    )
+
+
+def check_model(path: Path) -> ModelFiles:
+    """Vet the model folder as the workers will load it, on Keras's numpy backend.
+
+    Building the model and loading its weights there finds every fault a worker would
+    (architecture, shapes, labels, weights) in about a second, without importing TensorFlow
+    or tracing graphs; each worker then does the one TensorFlow import and load it needs.
+    """
+    model_dir.read(path)  # the common faults, found before Keras is imported at all
+    if "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = "numpy"
+    from service import runtime
+
+    return runtime.check_model(path)[1]

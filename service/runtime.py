@@ -1,4 +1,10 @@
-"""The model runtime: the one module of the service that imports Keras and TensorFlow."""
+"""The model runtime: the one module of the service that imports Keras and TensorFlow.
+
+Workers run Keras on its TensorFlow backend. The launcher imports this module on Keras's numpy
+backend instead (`cnn-serve` sets KERAS_BACKEND first): `check_model` builds and vets the model
+there without TensorFlow, so a bad model stops start-up in about a second, and TensorFlow is
+imported once per worker rather than once more in the launcher.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import numpy as np
 
 from service import model_dir
 from service.errors import ModelLoadError
-from service.model_dir import ModelInfo
+from service.model_dir import ModelFiles, ModelInfo
 
 
 @contextlib.contextmanager
@@ -32,12 +38,14 @@ def _native_stderr_discarded() -> Iterator[None]:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 with _native_stderr_discarded():
     import keras
-    import tensorflow as tf
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
-# Padded batch sizes go up in powers of two; on a GPU the largest batch is raised to this.
-GPU_MAX_BATCH_SIZE = 128
+# The largest batch when MAX_BATCH_SIZE is 0: a GPU needs large batches to be kept busy.
+DEFAULT_MAX_BATCH_SIZE = {"CPU": 32, "GPU": 128}
 
 
 class Classifier:
@@ -119,11 +127,8 @@ def configure_tensorflow(intra_op_threads: int = 0) -> str:
     return "/GPU:0" if gpus else "/CPU:0"
 
 
-def load_classifier(path: Path, max_batch_size: int = 32, intra_op_threads: int = 0) -> Classifier:
-    """Build, load and vet the model in `path` (or its newest version); run no code from it."""
-    device = configure_tensorflow(intra_op_threads)
-    if device.startswith("/GPU"):
-        max_batch_size = max(max_batch_size, GPU_MAX_BATCH_SIZE)
+def check_model(path: Path) -> tuple[keras.Model, ModelFiles]:
+    """Build, vet and load the model in `path` (or its newest version); run no code from it."""
     files = model_dir.read(path)
     json_path = files.folder / model_dir.MODEL_JSON
     try:
@@ -132,11 +137,9 @@ def load_classifier(path: Path, max_batch_size: int = 32, intra_op_threads: int 
         raise ModelLoadError(f"{json_path}: not a Keras model ({_one_line(exc)})") from None
     if not isinstance(model, keras.Model):
         raise ModelLoadError(f"{json_path}: describes a {type(model).__name__}, not a Keras model")
-    shape = tuple(model.input_shape) if not isinstance(model.input_shape, list) else ()
-    if len(shape) != 4 or shape[3] not in (1, 3) or None in shape[1:]:
-        raise ModelLoadError(
-            f"{json_path}: input shape {shape} is not (batch, height, width, 1 or 3)"
-        )
+    shape = input_shape(model)
+    if len(shape) != 3 or shape[2] not in (1, 3) or None in shape:
+        raise ModelLoadError(f"{json_path}: input shape {shape} is not (height, width, 1 or 3)")
     output = tuple(model.output_shape) if not isinstance(model.output_shape, list) else ()
     if len(output) != 2:
         raise ModelLoadError(f"{json_path}: output shape {output} is not (batch, classes)")
@@ -149,9 +152,31 @@ def load_classifier(path: Path, max_batch_size: int = 32, intra_op_threads: int 
         model.load_weights(files.weights)
     except Exception as exc:
         raise ModelLoadError(f"{files.weights}: weights do not load ({_one_line(exc)})") from None
-    spec = files.input_spec(int(shape[1]), int(shape[2]), int(shape[3]))
+    files.input_spec(*shape)  # the metadata's scaling must fit the model too
+    return model, files
+
+
+def input_shape(model: keras.Model) -> tuple[int, ...]:
+    """Return the model's (height, width, channels), or () if it has not one 4-D input."""
+    shape = model.input_shape
+    if isinstance(shape, list) or len(shape) != 4:
+        return ()
+    return tuple(shape[1:])
+
+
+def load_classifier(path: Path, max_batch_size: int = 0, intra_op_threads: int = 0) -> Classifier:
+    """Load the model in `path` for serving; max_batch_size 0 means the device's default."""
+    if keras.backend.backend() != "tensorflow":
+        raise ModelLoadError(
+            f"the service runs Keras on TensorFlow, not KERAS_BACKEND={keras.backend.backend()}"
+        )
+    device = configure_tensorflow(intra_op_threads)
+    model, files = check_model(path)
+    height, width, channels = input_shape(model)
+    spec = files.input_spec(height, width, channels)
+    kind = device.strip("/").split(":")[0]
     info = ModelInfo(files.name, files.version, files.labels, spec, device.strip("/"))
-    return Classifier(model, info, max_batch_size)
+    return Classifier(model, info, max_batch_size or DEFAULT_MAX_BATCH_SIZE[kind])
 
 
 def _one_line(exc: Exception) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -9,6 +10,8 @@ from pathlib import Path
 
 # More workers than this each hold a model copy for little gain; set WORKERS to go beyond.
 MAX_AUTO_WORKERS = 8
+# Seconds a stopping worker is given, past its last request's lifetime, to finish exiting.
+GRACEFUL_MARGIN_S = 5
 
 
 class SettingsError(ValueError):
@@ -32,12 +35,14 @@ class Settings:
     # Request threads per worker: they parse and decode uploads while the batcher runs the model.
     threads: int = 16
     # Largest batch one forward pass takes; batches are padded up to powers of two below it.
-    max_batch_size: int = 32
+    # 0: the device's default (32 on a CPU, 128 on a GPU); any other value is used as given.
+    max_batch_size: int = 0
     # Longest wait after a batch's first image for more images, and only while more are arriving.
     max_batch_delay_ms: float = 5.0
     # Images that may wait in a worker's queue; past this, requests are shed with 503.
     max_queue: int = 256
-    # Deadline of a request, from arrival to answer; a client may ask for less.
+    # Deadline of a request, from arrival to answer; a client may ask for less. A request whose
+    # batch is already running when it passes waits up to this long again for that batch.
     request_timeout_s: float = 10.0
     # Largest request body accepted, in bytes.
     max_body_bytes: int = 16 * 1024 * 1024
@@ -59,7 +64,6 @@ class Settings:
     def __post_init__(self) -> None:
         positive = (
             "threads",
-            "max_batch_size",
             "max_queue",
             "max_body_bytes",
             "max_image_pixels",
@@ -69,7 +73,13 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be positive, got {getattr(self, name)}")
-        for name in ("workers", "max_batch_delay_ms", "drain_s", "tf_intra_op_threads"):
+        for name in (
+            "workers",
+            "max_batch_size",
+            "max_batch_delay_ms",
+            "drain_s",
+            "tf_intra_op_threads",
+        ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name.upper()} must not be negative")
         if not 0 < self.port < 65536:
@@ -107,11 +117,34 @@ class Settings:
         return self.tf_intra_op_threads or max(1, _usable_cores() // self.worker_count)
 
     @property
+    def running_batch_grace_s(self) -> float:
+        """Return how long past its deadline a request waits for its batch already running."""
+        return self.request_timeout_s
+
+    @property
+    def request_lifetime_s(self) -> float:
+        """Return the longest an accepted request can take: its deadline, then the grace."""
+        return self.request_timeout_s + self.running_batch_grace_s
+
+    @property
+    def graceful_timeout_s(self) -> int:
+        """Return gunicorn's graceful timeout: the drain, then the last request's lifetime."""
+        return math.ceil(self.drain_s + self.request_lifetime_s + GRACEFUL_MARGIN_S)
+
+    @property
     def bearer_token(self) -> str:
         """Return the configured API token, read from api_token_file when one is set."""
-        if self.api_token_file:
-            return Path(self.api_token_file).read_text().strip()
-        return self.api_token
+        if not self.api_token_file:
+            return self.api_token
+        path = Path(self.api_token_file)
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise SettingsError(f"API_TOKEN_FILE {path}: cannot be read ({reason})") from None
+        if not token:
+            raise SettingsError(f"API_TOKEN_FILE {path}: the file is empty")
+        return token
 
 
 def _parse(name: str, raw: str, kind: type) -> object:

@@ -153,3 +153,14 @@ def test_custom_object_is_refused(good):
     (good / "model.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="refused custom object 'Custom>Evil'"):
         load_classifier(good)
+
+
+def test_max_batch_size_zero_is_the_devices_default_and_any_other_is_kept(good):
+    from service.runtime import DEFAULT_MAX_BATCH_SIZE
+
+    automatic = load_classifier(good, max_batch_size=0)
+    kind = automatic.info.device.split(":")[0]
+    assert automatic.max_batch_size == DEFAULT_MAX_BATCH_SIZE[kind]
+    # An explicit value is never raised or lowered, on a CPU or a GPU alike.
+    for explicit in (8, 48):
+        assert load_classifier(good, max_batch_size=explicit).max_batch_size == explicit

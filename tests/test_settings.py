@@ -53,3 +53,34 @@ def test_token_file_wins_over_token(tmp_path):
     token_file.write_text("from-file\n")
     assert Settings(api_token="inline").bearer_token == "inline"
     assert Settings(api_token="inline", api_token_file=str(token_file)).bearer_token == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "cannot be read"), ("  \n", "the file is empty"), (b"\xff\xfe", "cannot be read")],
+    ids=["missing", "blank", "not-utf8"],
+)
+def test_bad_token_file_is_a_settings_error_naming_the_file(tmp_path, content, message):
+    token_file = tmp_path / "token"
+    if isinstance(content, str):
+        token_file.write_text(content)
+    elif isinstance(content, bytes):
+        token_file.write_bytes(content)
+    with pytest.raises(SettingsError, match=f"API_TOKEN_FILE {token_file}: {message}"):
+        _ = Settings(api_token_file=str(token_file)).bearer_token
+
+
+def test_max_batch_size_is_used_as_given_and_zero_means_the_device_default():
+    assert Settings().max_batch_size == 0
+    assert Settings.from_env({"MAX_BATCH_SIZE": "64"}).max_batch_size == 64
+    with pytest.raises(SettingsError, match="MAX_BATCH_SIZE must not be negative"):
+        Settings(max_batch_size=-1)
+
+
+def test_graceful_timeout_outlasts_the_drain_and_a_requests_whole_lifetime():
+    settings = Settings(drain_s=1.5, request_timeout_s=4)
+    # A request accepted at the end of the drain waits up to its deadline (4 s) and then, if
+    # its batch is already running, up to the grace (4 s) for that batch.
+    assert settings.running_batch_grace_s == 4
+    assert settings.request_lifetime_s == 8
+    assert settings.graceful_timeout_s == 15  # ceil(1.5 + 8 + the 5 s exit margin)

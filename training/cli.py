@@ -8,16 +8,21 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from training.data import DatasetError
-from training.pipeline import SYNTHETIC_DATASETS, TrainingOptions, TrainingRun, train
+from service.cli import missing_tensorflow
 
-DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainingOptions)}
+if TYPE_CHECKING:
+    from training.pipeline import TrainingRun
+
+# training.pipeline imports TensorFlow: it is imported only once main() has checked for it.
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser; each option's destination is a TrainingOptions field."""
+    from training.pipeline import SYNTHETIC_DATASETS, TrainingOptions
+
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainingOptions)}
     parser = argparse.ArgumentParser(
         prog="cnn-train",
         description="Train the CNN image classifier and save it as the next model version.",
@@ -30,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="image folder: DIR/<class>/* or DIR/train|val|test/<class>/*",
     )
     source.add_argument("--synthetic", choices=SYNTHETIC_DATASETS, help="built-in dataset")
-    option = _option_adder(parser)
+    option = _option_adder(parser, defaults)
     option("--samples-per-class", int, "images per class of the synthetic dataset", metavar="N")
     option("--out", Path, "models are saved to OUT/NAME/<next version>/", metavar="OUT")
     parser.add_argument(
@@ -45,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     option("--test-split", float, "fraction of each class for the test, unless pre-split")
     option("--patience", int, "epochs without a lower validation loss before stopping")
     option("--learning-rate", float, "Adam's learning rate")
-    option = _option_adder(parser.add_argument_group("architecture"))
+    option = _option_adder(parser.add_argument_group("architecture"), defaults)
     option("--filters", int, "filters of each convolution block, one number per block", nargs="+")
     option("--convs-per-block", int, "3x3 convolutions per block")
     option("--dense-units", int, "width of the hidden Dense layer")
@@ -55,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="verbose",
         action="store_const",
         const=0,
-        default=DEFAULTS["verbose"],
+        default=defaults["verbose"],
         help="no model summary, no progress bars",
     )
     return parser
@@ -63,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return the exit status."""
+    if missing := missing_tensorflow():
+        print(f"cnn-train: error: {missing}", file=sys.stderr)
+        return 1
+    from training.data import DatasetError
+    from training.pipeline import TrainingOptions, train
+
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     args["filters"] = tuple(args["filters"])
@@ -99,12 +110,14 @@ def summary(run: TrainingRun) -> str:
     return "\n".join(lines)
 
 
-def _option_adder(group: argparse._ActionsContainer) -> Callable[..., None]:
+def _option_adder(
+    group: argparse._ActionsContainer, defaults: dict[str, Any]
+) -> Callable[..., None]:
     """Return a function adding an option whose default is the TrainingOptions field's."""
 
     def add(flag: str, kind: Callable[[str], object], help: str, **extra: Any) -> None:
         dest = flag.removeprefix("--").replace("-", "_")
-        default = DEFAULTS[dest]
+        default = defaults[dest]
         shown = default
         if isinstance(default, tuple):  # as typed: image size "32x32", filters "32 64"
             shown = ("x" if dest == "img_size" else " ").join(map(str, default))
