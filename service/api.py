@@ -5,11 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import time
 
 import numpy as np
 import orjson
-from flask import Blueprint, Request, Response, current_app, request
+from flask import Blueprint, Request, Response, current_app, g, request
 
 from service.errors import (
     InvalidRequest,
@@ -32,11 +31,10 @@ def predict() -> Response:
     """Classify the request's images and return one prediction per image, in order."""
     settings: Settings = current_app.config["SETTINGS"]
     _authorize(request, current_app.config["API_TOKEN"])
-    started = time.monotonic()
     service: ModelService = current_app.extensions["model_service"]
-    top_k, timeout_s = _parameters(request, settings)
+    top_k = _top_k(request)
     uploads = read_uploads(request, settings.max_images_per_request)
-    probabilities = service.predict(uploads, deadline=started + timeout_s)
+    probabilities = service.predict(uploads, deadline=g.deadline)
     return json_response(prediction_body(service, probabilities, top_k))
 
 
@@ -125,29 +123,22 @@ def _json_instances(body: bytes) -> list[Upload]:
     return uploads
 
 
-def _parameters(req: Request, settings: Settings) -> tuple[int, float]:
+def _top_k(req: Request) -> int:
     unknown = sorted(set(req.args) - set(QUERY_PARAMETERS))
     if unknown:
         raise InvalidRequest(
             f"unknown query parameter {unknown[0]!r}; accepted: {', '.join(QUERY_PARAMETERS)}"
         )
-    top_k = int(_number(req.args.get("top_k"), "top_k", int, DEFAULT_TOP_K))
+    raw = req.args.get("top_k")
+    if raw is None:
+        return DEFAULT_TOP_K
+    try:
+        top_k = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"top_k must be an int, got {raw!r}") from None
     if top_k < 1:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
-    requested = req.args.get("timeout") or req.headers.get("X-Request-Timeout")
-    timeout_s = _number(requested, "timeout", float, settings.request_timeout_s)
-    if not timeout_s > 0:
-        raise InvalidRequest(f"timeout must be a positive number of seconds, got {requested}")
-    return top_k, min(timeout_s, settings.request_timeout_s)
-
-
-def _number(raw: str | None, name: str, kind: type, default: float) -> float:
-    if raw is None:
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+    return top_k
 
 
 def _authorize(req: Request, token: str) -> None:

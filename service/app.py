@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import time
 import uuid
@@ -107,13 +108,31 @@ def _begin_request() -> None:
     g.started = time.perf_counter()
     supplied = request.headers.get("X-Request-ID", "")
     g.request_id = supplied if _REQUEST_ID.match(supplied) else _new_request_id()
+    if request.method != "POST":
+        return
+    settings: Settings = current_app.config["SETTINGS"]
+    # The request's one deadline: the body read, queue admission and the wait for a batch
+    # all measure against it.
+    g.deadline = time.monotonic() + _timeout_s(settings.request_timeout_s)
     sock = request.environ.get("gunicorn.socket")
-    if sock is not None and request.method == "POST":
-        settings: Settings = current_app.config["SETTINGS"]
-        deadline = time.monotonic() + settings.request_timeout_s
+    if sock is not None:
         request.environ["wsgi.input"] = BodyWithDeadline(
-            request.environ["wsgi.input"], sock, deadline
+            request.environ["wsgi.input"], sock, g.deadline
         )
+
+
+def _timeout_s(limit_s: float) -> float:
+    """Return the request's timeout: the client's (`timeout` or X-Request-Timeout), capped."""
+    requested = request.args.get("timeout") or request.headers.get("X-Request-Timeout")
+    if requested is None:
+        return limit_s
+    try:
+        timeout_s = float(requested)
+    except ValueError:
+        raise InvalidRequest(f"timeout must be a number of seconds, got {requested!r}") from None
+    if not 0 < timeout_s < math.inf:
+        raise InvalidRequest(f"timeout must be a positive number of seconds, got {requested}")
+    return min(timeout_s, limit_s)
 
 
 def _new_request_id() -> str:

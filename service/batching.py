@@ -30,8 +30,6 @@ PredictBatch = Callable[[np.ndarray], np.ndarray]
 
 # Weight of the newest forward-pass time in the moving average behind the wait estimate.
 _EWMA_WEIGHT = 0.2
-# How long past its deadline a request waits for a batch that is already running.
-_RUNNING_GRACE_S = 30.0
 
 
 @dataclass
@@ -52,8 +50,11 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float,
         max_queue: int,
+        running_grace_s: float,
         warm_up: Callable[[], None] | None = None,
     ) -> None:
+        """Batch for `predict_batch`; a request whose deadline passes while its batch runs
+        waits up to `running_grace_s` more for that batch's answer."""
         self._predict_batch = predict_batch
         self._warm_up = warm_up
         self._warmed = threading.Event()
@@ -61,6 +62,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
+        self.running_grace_s = running_grace_s
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._arriving = 0
@@ -107,6 +109,11 @@ class Batcher:
             yield arrival
         finally:
             arrival.leave()
+
+    def wait_queued(self, count: int, timeout: float) -> bool:
+        """Wait until at least `count` images are queued; tell whether they are."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._queue) >= count, timeout)
 
     def estimated_wait_s(self) -> float:
         """Estimate how long the images queued now wait for their batches to run."""
@@ -162,7 +169,7 @@ class Batcher:
             raise DeadlineExceeded("the request was cancelled") from None
         try:
             # Its batch is already running: the answer is moments away.
-            return future.result(timeout=_RUNNING_GRACE_S)
+            return future.result(timeout=self.running_grace_s)
         except FutureTimeout:
             raise DeadlineExceeded("the forward pass did not finish in time") from None
 

@@ -35,9 +35,10 @@ preload_app = False
 # The worker's main loop heartbeats every second even while its threads wait on the model,
 # so a worker silent for this long is stuck and is replaced.
 timeout = 30
-# After SIGTERM a worker drains for DRAIN_S, then finishes requests already accepted; their
-# own deadline bounds that, so allow the drain, one deadline and a margin before SIGKILL.
-graceful_timeout = int(_settings.drain_s + _settings.request_timeout_s + 5)
+# After SIGTERM a worker drains for DRAIN_S, then finishes requests already accepted. Their
+# own deadline, plus the grace for a batch already running, bounds that; so the master waits
+# for the drain, that lifetime and a margin for exiting before it sends SIGKILL.
+graceful_timeout = _settings.graceful_timeout_s
 # Short keep-alive: clients behind a load balancer reuse connections; idle ones free quickly.
 keepalive = 5
 # A slow client may not hold a thread forever while sending its request line and headers.
@@ -98,9 +99,13 @@ def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
     def drain_then_exit(signum: int, frame: object) -> None:
         if not service.drain():
             return  # a repeated SIGTERM changes nothing
-        timer = threading.Timer(_settings.drain_s, worker.handle_exit, (signum, frame))
+        timer = threading.Timer(_settings.drain_s, stop_accepting, (signum, frame))
         timer.daemon = True
         timer.start()
+
+    def stop_accepting(signum: int, frame: object) -> None:
+        worker.log.info("drain over: accepting no more connections, finishing accepted ones")
+        worker.handle_exit(signum, frame)
 
     signal.signal(signal.SIGTERM, drain_then_exit)
 
@@ -114,10 +119,15 @@ def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
 
 
 def worker_exit(server: object, worker) -> None:  # type: ignore[no-untyped-def]
-    """Let the batcher finish queued images before the worker process ends."""
+    """Stop the batcher before the worker process ends.
+
+    Every accepted request has been answered by now (gthread waits for them), so nothing
+    waits on a batch still running: give it a moment, not a request's lifetime, which the
+    master's graceful timeout has no room for.
+    """
     wsgi = getattr(worker, "wsgi", None)
     if wsgi is not None:
-        wsgi.extensions["model_service"].close(timeout=_settings.request_timeout_s)
+        wsgi.extensions["model_service"].close(timeout=1.0)
 
 
 def child_exit(server: object, worker) -> None:  # type: ignore[no-untyped-def]

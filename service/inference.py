@@ -90,6 +90,7 @@ class ModelService:
                 max_batch_size=classifier.max_batch_size,
                 max_delay_s=self.settings.max_batch_delay_ms / 1000.0,
                 max_queue=self.settings.max_queue,
+                running_grace_s=self.settings.running_batch_grace_s,
                 warm_up=classifier.warm_up,
             )
             batcher.start()

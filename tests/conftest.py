@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -224,6 +225,35 @@ def server_factory(tmp_path) -> Iterator[Callable[..., Server]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def fault_server(server_factory, model_dir, tmp_path):
+    """Start the service around tests/fault_app.py's misbehaving model; return it and its
+    FaultControl (held batches are all released at the end, so no worker hangs)."""
+    from tests.fault_app import FaultControl
+
+    control = FaultControl(tmp_path / "faults")
+    control.fault_dir.mkdir()
+
+    def start(**env: str) -> tuple[Server, FaultControl]:
+        env = {"FAULT_DIR": str(control.fault_dir), **env}
+        return server_factory(model_dir, app="tests.fault_app:create()", **env), control
+
+    yield start
+    control.release_all()
+
+
+def require_tool(name: str, package: str) -> str:
+    """Return the path of a program the test drives; skip without it, but fail in CI."""
+    folders = [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    path = shutil.which(name, path=os.pathsep.join(folders))
+    if path is None:
+        message = f"{name} is not installed ({package}; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}: CI must run every test")
+        pytest.skip(message)
+    return path
 
 
 def png_bomb(width: int, height: int) -> bytes:

@@ -2,13 +2,19 @@
 
 The model is the real one loaded from MODEL_DIR, wrapped so that a batch holding an image
 of one flat colour does something bad: all black (0) fails the forward pass, all white (255)
-kills the inference thread, mid grey (128) makes the forward pass take SLOW_S seconds.
+kills the inference thread, and mid grey (128) holds the forward pass until the test
+releases it. Holding is synchronised through files in FAULT_DIR, since the test runs in
+another process: the model touches `held-<n>` when its n-th held batch starts, and waits for
+the test to create `release-<n>` (or `release-all`).
 Run: gunicorn -c python:service.gunicorn_conf 'tests.fault_app:create()'
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -16,15 +22,18 @@ from service.app import create_app
 from service.runtime import load_classifier
 from service.settings import Settings
 
-SLOW_S = 2.0
+# A held batch gives up after this long, so a broken test cannot hang a worker for ever.
+HOLD_LIMIT_S = 120.0
 
 
 class MisbehavingClassifier:
-    """The real classifier, failing, dying or stalling when a trigger image is in the batch."""
+    """The real classifier, failing, dying or held when a trigger image is in the batch."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, fault_dir: Path) -> None:
         self.inner = inner
         self.info = inner.info
+        self.fault_dir = fault_dir
+        self._held = itertools.count(1)
         spec = inner.info.spec
         self.triggers = {v: np.float32(v) * np.float32(spec.rescale) + np.float32(spec.offset)
                          for v in (0, 128, 255)}  # fmt: skip
@@ -43,12 +52,41 @@ class MisbehavingClassifier:
         if self.triggers[255] in flat:
             raise SystemExit("injected death of the inference thread")
         if self.triggers[128] in flat:
-            time.sleep(SLOW_S)
+            self._hold(next(self._held))
         return self.inner.predict_batch(inputs)
+
+    def _hold(self, number: int) -> None:
+        (self.fault_dir / f"held-{number}").touch()
+        releases = (self.fault_dir / f"release-{number}", self.fault_dir / "release-all")
+        give_up = time.monotonic() + HOLD_LIMIT_S
+        while not any(path.exists() for path in releases) and time.monotonic() < give_up:
+            time.sleep(0.005)
 
 
 def create():
     """Build the service app around the misbehaving model."""
     settings = Settings.from_env()
     inner = load_classifier(settings.model_dir, settings.max_batch_size, settings.tf_threads)
-    return create_app(settings, MisbehavingClassifier(inner))
+    return create_app(settings, MisbehavingClassifier(inner, Path(os.environ["FAULT_DIR"])))
+
+
+class FaultControl:
+    """The test's side of the hold files: see which batches are held, and release them."""
+
+    def __init__(self, fault_dir: Path) -> None:
+        self.fault_dir = fault_dir
+
+    def wait_held(self, number: int, within_s: float = 60) -> None:
+        """Wait until the `number`-th held batch has started."""
+        deadline = time.monotonic() + within_s
+        while not (self.fault_dir / f"held-{number}").exists():
+            assert time.monotonic() < deadline, f"held batch {number} never started"
+            time.sleep(0.01)
+
+    def release(self, number: int) -> None:
+        """Let the `number`-th held batch finish."""
+        (self.fault_dir / f"release-{number}").touch()
+
+    def release_all(self) -> None:
+        """Let every held batch finish, now and from now on."""
+        (self.fault_dir / "release-all").touch()

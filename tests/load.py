@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -13,14 +12,46 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from requests import Response
 
 
-def metric(text: str, name: str) -> float:
-    """Return the value of one sample line of a Prometheus exposition."""
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in metrics"
-    return float(match.group(1))
+def samples(text: str, name: str, **labels: str) -> list[float]:
+    """Return the values of the samples called `name` whose labels include `labels`."""
+    return [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Return the value of the one sample called `name` with exactly these labels."""
+    found = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and sample.labels == labels
+    ]
+    assert len(found) == 1, f"{name}{labels}: {len(found)} samples in the exposition"
+    return found[0]
+
+
+def scrape(url: str) -> str:
+    """Return the server's /metrics exposition."""
+    response = requests.get(url + "/metrics", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def wait_for_metric(url: str, name: str, at_least: float, within_s: float = 60) -> float:
+    """Poll /metrics until the sample `name` (no labels) reaches `at_least`; return it."""
+    deadline = time.monotonic() + within_s
+    while (value := metric(scrape(url), name)) < at_least:
+        assert time.monotonic() < deadline, f"{name} stayed at {value}, below {at_least}"
+        time.sleep(0.02)
+    return value
 
 
 def post_png(url: str, data: bytes, query: str = "", **headers: str) -> requests.Response:
@@ -128,13 +159,8 @@ def assert_correct(response: Response, expected: np.ndarray) -> None:
 
 def predictions_answered(url: str) -> int:
     """Return how many /predict requests the server has answered (any status)."""
-    text = requests.get(url + "/metrics", timeout=5).text
-    counts = re.findall(
-        r'^cnn_http_request_duration_seconds_count\{endpoint="/predict",[^}]*\} (\S+)$',
-        text,
-        re.MULTILINE,
-    )
-    return int(sum(float(count) for count in counts))
+    counts = samples(scrape(url), "cnn_http_request_duration_seconds_count", endpoint="/predict")
+    return int(sum(counts))
 
 
 def wait_until_idle(url: str, within_s: float = 30) -> float:
@@ -153,7 +179,7 @@ def wait_until_idle(url: str, within_s: float = 30) -> float:
 def wait_for_ready_workers(url: str, count: int, within_s: float) -> float:
     """Wait until cnn_ready says `count` workers are ready; return how long it took."""
     started = time.monotonic()
-    while metric(requests.get(url + "/metrics", timeout=5).text, "cnn_ready") != count:
+    while metric(scrape(url), "cnn_ready") != count:
         assert time.monotonic() - started < within_s, f"not {count} ready workers in {within_s}s"
         time.sleep(0.2)
     return time.monotonic() - started

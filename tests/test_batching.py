@@ -18,24 +18,35 @@ class RecordingModel:
 
     def __init__(self, delay_s: float = 0.0, fail_when=None) -> None:
         self.batches: list[int] = []
+        self.values: list[float] = []
+        self._first_size: int | None = None
         self.delay_s = delay_s
         self.fail_when = fail_when
         self.entered = threading.Event()
         self.release = threading.Event()
         self.release.set()
 
+    def first_batch_size(self) -> int:
+        """Return the size of the first batch the model was handed (after `entered`)."""
+        assert self._first_size is not None
+        return self._first_size
+
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        if self._first_size is None:
+            self._first_size = len(inputs)
         self.entered.set()
         self.release.wait(10)
         time.sleep(self.delay_s)
         if self.fail_when is not None and self.fail_when(inputs):
             raise RuntimeError("injected failure")
         self.batches.append(len(inputs))
+        self.values.extend(inputs[:, 0].tolist())
         return np.stack([inputs[:, 0], np.full(len(inputs), float(len(inputs)))], axis=1)
 
 
 def make_batcher(model, **overrides) -> Batcher:
-    options = {"max_batch_size": 8, "max_delay_s": 0.05, "max_queue": 32} | overrides
+    options = {"max_batch_size": 8, "max_delay_s": 0.05, "max_queue": 32, "running_grace_s": 10}
+    options |= overrides
     batcher = Batcher(model, **options)
     batcher.start()
     return batcher
@@ -51,10 +62,11 @@ def later(seconds: float = 5.0) -> float:
 
 def test_lone_request_runs_without_waiting_for_company():
     model = RecordingModel()
-    batcher = make_batcher(model, max_delay_s=2.0)
+    batcher = make_batcher(model, max_delay_s=60.0)
     started = time.monotonic()
-    assert batcher.predict([value(7)], later())[0][0] == 7
-    assert time.monotonic() - started < 1.0, "a lone request waited for the batch window"
+    assert batcher.predict([value(7)], later(120))[0][0] == 7
+    # Waiting out the window would take 60 s; the fake model answers in microseconds.
+    assert time.monotonic() - started < 30, "a lone request waited for the batch window"
     batcher.close()
 
 
@@ -63,9 +75,9 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers():
     model.release.clear()  # hold the first batch so the others queue up behind it
     batcher = make_batcher(model)
     with ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(batcher.predict, [value(i)], later()) for i in range(16)]
-        model.entered.wait(5)
-        time.sleep(0.1)
+        futures = [pool.submit(batcher.predict, [value(i)], later(60)) for i in range(16)]
+        assert model.entered.wait(30)
+        assert batcher.wait_queued(16 - model.first_batch_size(), timeout=30)
         model.release.set()
         results = [f.result(10) for f in futures]
     assert [r[0][0] for r in results] == list(range(16))
@@ -76,22 +88,48 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers():
 
 def test_a_forming_batch_waits_for_a_request_on_its_way():
     model = RecordingModel()
-    batcher = make_batcher(model, max_delay_s=1.0)
-    second_submitted = threading.Event()
+    batcher = make_batcher(model, max_delay_s=60.0)
+    second_arrived, second_may_submit = threading.Event(), threading.Event()
+
+    def first():
+        with batcher.arrival() as arrival:
+            return arrival.predict([value(1)], later(120))
 
     def second():
         with batcher.arrival() as arrival:
-            time.sleep(0.1)  # "decoding"
-            second_submitted.set()
-            return arrival.predict([value(2)], later())
+            second_arrived.set()
+            second_may_submit.wait(30)  # "decoding"
+            return arrival.predict([value(2)], later(120))
 
-    with batcher.arrival() as first, ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
         other = pool.submit(second)
-        time.sleep(0.02)
-        result = first.predict([value(1)], later())
-        assert other.result(5)[0][0] == 2
-    assert result[0][0] == 1
+        assert second_arrived.wait(30)
+        one = pool.submit(first)
+        # The first image is queued while the second request is still on its way: the batch
+        # must wait for it rather than run alone.
+        assert batcher.wait_queued(1, timeout=30)
+        second_may_submit.set()
+        assert one.result(30)[0][0] == 1
+        assert other.result(30)[0][0] == 2
     assert model.batches == [2], "the first image should have waited for the second"
+    batcher.close()
+
+
+def test_a_forming_batch_stops_waiting_at_the_window_end():
+    model = RecordingModel()
+    batcher = make_batcher(model, max_delay_s=0.05)
+    never = threading.Event()
+
+    def stalled():
+        with batcher.arrival():
+            never.wait(60)  # a request on its way that never submits
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(stalled)
+        # Answered although a request is still announced: the window closed after 0.05 s.
+        assert batcher.predict([value(3)], later(60))[0][0] == 3
+        never.set()
+    assert model.batches == [1]
     batcher.close()
 
 
@@ -107,16 +145,16 @@ def test_full_queue_sheds_with_retry_after():
     model.release.clear()
     batcher = make_batcher(model, max_queue=4, max_batch_size=1)
     with ThreadPoolExecutor(8) as pool:
-        holding = pool.submit(batcher.predict, [value(0)], later())
-        model.entered.wait(5)
-        queued = pool.submit(batcher.predict, [value(i) for i in range(4)], later())
-        time.sleep(0.05)
+        holding = pool.submit(batcher.predict, [value(0)], later(60))
+        assert model.entered.wait(30)
+        queued = pool.submit(batcher.predict, [value(i) for i in range(4)], later(60))
+        assert batcher.wait_queued(4, timeout=30)
         with pytest.raises(Overloaded) as shed:
             batcher.predict([value(9)], later())
         assert shed.value.retry_after_s >= 1
         model.release.set()
-        assert holding.result(5)[0][0] == 0
-        assert len(queued.result(5)) == 4
+        assert holding.result(30)[0][0] == 0
+        assert len(queued.result(30)) == 4
     batcher.close()
 
 
@@ -125,13 +163,16 @@ def test_item_past_its_deadline_is_dropped_with_timeout():
     model.release.clear()
     batcher = make_batcher(model, max_batch_size=1)
     with ThreadPoolExecutor(2) as pool:
-        pool.submit(batcher.predict, [value(0)], later())
-        model.entered.wait(5)
+        holding = pool.submit(batcher.predict, [value(0)], later(60))
+        assert model.entered.wait(30)
         with pytest.raises(DeadlineExceeded):
             batcher.predict([value(1)], time.monotonic() + 0.1)
         model.release.set()
-    time.sleep(0.1)
-    assert model.batches == [1], "the expired image must not reach the model"
+        holding.result(30)
+    # The batcher runs in order: once a later image is answered, the expired one was handled.
+    assert batcher.predict([value(2)], later(60))[0][0] == 2
+    assert model.batches == [1, 1], "the expired image must not reach the model"
+    assert model.values == [0, 2]
     batcher.close()
 
 
@@ -160,15 +201,44 @@ def test_dead_inference_thread_reports_not_alive_and_refuses_work():
 def test_deadline_aware_admission_rejects_requests_that_cannot_make_it():
     model = RecordingModel(delay_s=0.2)
     batcher = make_batcher(model, max_batch_size=1)
-    batcher.predict([value(0)], later())  # teaches the batcher a forward pass takes ~0.2 s
+    batcher.predict([value(0)], later(60))  # teaches the batcher: a forward pass takes >= 0.2 s
+    model.release.clear()
     with ThreadPoolExecutor(4) as pool:
-        busy = [pool.submit(batcher.predict, [value(i)], later()) for i in range(3)]
-        time.sleep(0.05)
-        assert batcher.estimated_wait_s() > 0.1
+        busy = [pool.submit(batcher.predict, [value(i)], later(60)) for i in range(3)]
+        assert model.entered.wait(30)
+        assert batcher.wait_queued(2, timeout=30)
+        assert batcher.estimated_wait_s() >= 0.4  # two queued batches of >= 0.2 s each
         with pytest.raises(Overloaded, match="deadline"):
             batcher.predict([value(9)], time.monotonic() + 0.1)
+        model.release.set()
         for future in busy:
-            future.result(5)
+            future.result(30)
+    assert 9 not in model.values, "the refused image must not reach the model"
+    batcher.close()
+
+
+def test_request_past_its_deadline_still_gets_its_running_batch_within_the_grace():
+    model = RecordingModel()
+    model.release.clear()
+    batcher = make_batcher(model, max_batch_size=1, running_grace_s=60)
+    deadline = time.monotonic() + 1.0
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(batcher.predict, [value(5)], deadline)
+        assert model.entered.wait(30)
+        time.sleep(max(0.0, deadline - time.monotonic()) + 0.2)  # passes while the batch runs
+        model.release.set()
+        assert answer.result(30)[0][0] == 5
+    batcher.close()
+
+
+def test_running_batch_past_the_grace_is_a_timeout():
+    model = RecordingModel()
+    model.release.clear()
+    batcher = make_batcher(model, max_batch_size=1, running_grace_s=0.1)
+    # The batch starts at once and is held past the deadline (1 s) and the grace (0.1 s).
+    with pytest.raises(DeadlineExceeded, match="did not finish in time"):
+        batcher.predict([value(5)], time.monotonic() + 1.0)
+    model.release.set()
     batcher.close()
 
 
@@ -179,6 +249,7 @@ def test_warm_up_runs_on_the_inference_thread_before_start_returns():
         max_batch_size=4,
         max_delay_s=0.0,
         max_queue=8,
+        running_grace_s=1,
         warm_up=lambda: seen.append(threading.current_thread().name),
     )
     batcher.start()
@@ -191,7 +262,12 @@ def test_failed_warm_up_is_raised_by_start_and_leaves_the_batcher_dead():
         raise RuntimeError("no graph")
 
     batcher = Batcher(
-        RecordingModel(), max_batch_size=4, max_delay_s=0.0, max_queue=8, warm_up=broken
+        RecordingModel(),
+        max_batch_size=4,
+        max_delay_s=0.0,
+        max_queue=8,
+        running_grace_s=1,
+        warm_up=broken,
     )
     with pytest.raises(RuntimeError, match="no graph"):
         batcher.start()
@@ -199,13 +275,22 @@ def test_failed_warm_up_is_raised_by_start_and_leaves_the_batcher_dead():
 
 
 def test_close_finishes_queued_work_then_refuses():
-    model = RecordingModel(delay_s=0.01)
+    model = RecordingModel()
+    model.release.clear()
     batcher = make_batcher(model, max_batch_size=2)
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(batcher.predict, [value(i)], later()) for i in range(8)]
-        time.sleep(0.02)
-        batcher.close(timeout=5)
-        answered = [f.result(5)[0][0] for f in futures]
+        futures = [pool.submit(batcher.predict, [value(i)], later(60)) for i in range(8)]
+        assert model.entered.wait(30)
+        assert batcher.wait_queued(8 - model.first_batch_size(), timeout=30)
+        closer = threading.Thread(target=batcher.close, kwargs={"timeout": 30})
+        closer.start()
+        deadline = time.monotonic() + 30
+        while batcher.alive:  # close() has not yet marked the batcher closing
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        model.release.set()
+        answered = sorted(f.result(30)[0][0] for f in futures)
+        closer.join(30)
     assert answered == list(range(8))
     with pytest.raises(ModelNotReady):
         batcher.predict([value(1)], later())

@@ -79,7 +79,7 @@ def test_burst_of_64_distinct_images_each_gets_its_own_answer_in_batches(
         np.testing.assert_allclose(got, want, atol=1e-5)
     text = requests.get(server.url + "/metrics", timeout=5).text
     batches = metric(text, "cnn_batch_size_count")
-    singles = metric(text, 'cnn_batch_size_bucket{le="1.0"}')
+    singles = metric(text, "cnn_batch_size_bucket", le="1.0")
     assert metric(text, "cnn_images_predicted_total") == 64
     assert batches < 64, "64 concurrent images ran in 64 forward passes: no batching"
     assert singles < batches, "no forward pass held more than one image"
