@@ -5,13 +5,22 @@ from __future__ import annotations
 import base64
 import io
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from service.api import prediction_body
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import LABELS, distinct_images, expected_probabilities, image_bytes
+from tests.conftest import (
+    LABELS,
+    distinct_images,
+    expected_probabilities,
+    image_bytes,
+    make_cnn,
+    write_model,
+)
 
 
 def assert_error(response, status: int, code: str) -> dict:
@@ -64,6 +73,130 @@ def test_several_images_answer_in_request_order(client, cnn, classifier):
 def test_top_k_limits_the_top_list(client, top_k, count):
     response = client.post(f"/predict?top_k={top_k}", data=image_bytes(), content_type="image/png")
     assert len(response.get_json()["predictions"][0]["top"]) == count
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_holds_the_k_most_likely_labels_in_descending_order(client, cnn, classifier, k):
+    data = image_bytes((36, 30), seed=7)
+    response = client.post(f"/predict?top_k={k}", data=data, content_type="image/png")
+    [prediction] = response.get_json()["predictions"]
+    expected = expected_probabilities(cnn, data, classifier.info.spec).astype(float)
+    assert len(set(expected.round(4))) == 3, "the test needs three distinct probabilities"
+    ranked = sorted(zip(expected, LABELS, strict=True), reverse=True)[:k]
+    assert [entry["label"] for entry in prediction["top"]] == [label for _, label in ranked]
+    np.testing.assert_allclose(
+        [entry["probability"] for entry in prediction["top"]], [p for p, _ in ranked], atol=1e-6
+    )
+    assert prediction["label"] == ranked[0][1]
+    assert prediction["probability"] == pytest.approx(ranked[0][0], abs=1e-6)
+
+
+def shaped(outputs: list[list[float]], top_k: int, labels=("cat", "dog", "owl", "yak")) -> dict:
+    """Return prediction_body's answer for hand-made outputs of a stand-in model."""
+    info = SimpleNamespace(labels=labels, name="pets", version="4")
+    service = SimpleNamespace(classifier=SimpleNamespace(info=info))
+    return prediction_body(service, [np.array(o, dtype=np.float32) for o in outputs], top_k)
+
+
+def test_prediction_body_ranks_hand_made_outputs():
+    body = shaped([[0.1, 0.4, 0.2, 0.3], [0.7, 0.05, 0.05, 0.2]], top_k=3)
+    assert body["model"] == {"name": "pets", "version": "4"}
+    assert body["classes"] == ["cat", "dog", "owl", "yak"]
+    first, second = body["predictions"]
+    assert first["label"] == "dog"
+    assert first["probability"] == pytest.approx(0.4)
+    assert first["probabilities"] == pytest.approx([0.1, 0.4, 0.2, 0.3])
+    assert [(t["label"], round(t["probability"], 6)) for t in first["top"]] == [
+        ("dog", 0.4),
+        ("yak", 0.3),
+        ("owl", 0.2),
+    ]
+    assert second["label"] == "cat"
+    assert [t["label"] for t in second["top"]] == ["cat", "yak", "dog"]
+
+
+def test_prediction_body_breaks_ties_in_label_order():
+    [prediction] = shaped([[0.3, 0.1, 0.3, 0.3]], top_k=4)["predictions"]
+    assert [t["label"] for t in prediction["top"]] == ["cat", "owl", "yak", "dog"]
+    assert prediction["label"] == "cat"
+
+
+def test_prediction_body_breaks_ties_in_label_order_for_many_classes():
+    # Over 16 values numpy's default sort is no longer an insertion sort, so not stable.
+    labels = tuple(f"class-{i:02d}" for i in range(20))
+    output = [0.08 if i % 3 == 0 else 0.02 for i in range(20)]
+    [prediction] = shaped([output], top_k=20, labels=labels)["predictions"]
+    high = [label for i, label in enumerate(labels) if i % 3 == 0]
+    low = [label for i, label in enumerate(labels) if i % 3 != 0]
+    assert [t["label"] for t in prediction["top"]] == high + low
+
+
+def test_prediction_body_top_k_over_the_class_count_lists_every_class():
+    [prediction] = shaped([[0.1, 0.2, 0.3, 0.4]], top_k=99)["predictions"]
+    assert [t["label"] for t in prediction["top"]] == ["yak", "owl", "dog", "cat"]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
+
+
+def served_client(folder, model):
+    """Write `model` to `folder`, load it as the service does, return an app and its client."""
+    from service.runtime import load_classifier
+
+    write_model(folder, model, LABELS)
+    classifier = load_classifier(folder, max_batch_size=2)
+    app = create_app(Settings(model_dir=folder, max_batch_size=2), classifier)
+    return app, app.test_client()
+
+
+def ending_in(last: str):
+    """Return a small CNN whose last layer is `last`: logits, or one of the softmax forms."""
+    import keras
+
+    if last == "logits":
+        return make_cnn(softmax=False, seed=5)
+    if last == "activation":
+        return make_cnn(softmax=True, seed=5)
+    keras.utils.set_random_seed(5)
+    if last == "softmax-layer":
+        layers = [keras.layers.Flatten(), keras.layers.Dense(3), keras.layers.Softmax()]
+    else:
+        layers = [keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")]
+    return keras.Sequential([keras.Input((32, 32, 3)), *layers])
+
+
+def served_probabilities(folder, model, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Return what /predict serves for `data`, and the Keras model's own output on it."""
+    app, client = served_client(folder, model)
+    try:
+        response = client.post("/predict", data=data, content_type="image/png")
+        served = np.array(response.get_json()["predictions"][0]["probabilities"])
+        spec = app.extensions["model_service"].classifier.info.spec
+    finally:
+        app.extensions["model_service"].close(timeout=5)
+    return served, expected_probabilities(model, data, spec)
+
+
+@pytest.mark.parametrize("last", ["activation", "softmax-layer", "dense-softmax"])
+def test_a_model_ending_in_softmax_is_served_unchanged(tmp_path, last):
+    served, keras_output = served_probabilities(
+        tmp_path / last, ending_in(last), image_bytes((32, 32), seed=11)
+    )
+    assert np.abs(softmax(keras_output) - keras_output).max() > 1e-3, "a second softmax shows"
+    np.testing.assert_allclose(served, keras_output, atol=1e-6)
+
+
+def test_a_logits_model_gets_exactly_one_softmax(tmp_path):
+    served, logits = served_probabilities(
+        tmp_path / "logits", ending_in("logits"), image_bytes((32, 32), seed=11)
+    )
+    once = softmax(logits.astype(np.float64))
+    assert np.abs(logits.sum() - 1) > 1e-3, "raw logits are not probabilities"
+    assert np.abs(softmax(once) - once).max() > 1e-3, "a second softmax shows"
+    np.testing.assert_allclose(served, once, atol=1e-6)
+    assert served.sum() == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("top_k", ["0", "-1", "abc", "1.5"])
