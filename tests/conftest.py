@@ -134,6 +134,13 @@ def expected_probabilities(model, data: bytes, spec) -> np.ndarray:
     return np.asarray(model(preprocess(data, spec)[None], training=False))[0]
 
 
+def expected_device() -> str:
+    """Return the device the service should pick, asked of TensorFlow directly."""
+    import tensorflow as tf
+
+    return "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+
+
 def free_port() -> int:
     """Return a loopback TCP port that was free a moment ago."""
     with socket.socket() as sock:

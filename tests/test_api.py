@@ -16,6 +16,7 @@ from service.settings import Settings
 from tests.conftest import (
     LABELS,
     distinct_images,
+    expected_device,
     expected_probabilities,
     image_bytes,
     make_cnn,
@@ -277,7 +278,7 @@ def test_health_ready_and_model_facts(client):
     assert ready.status_code == 200
     model = ready.get_json()["model"]
     assert model["input_shape"] == [32, 32, 3]
-    assert model["device"].endswith("CPU:0")
+    assert model["device"] == expected_device()
 
 
 def test_not_ready_until_the_model_has_loaded(tmp_path):
@@ -326,7 +327,8 @@ def test_metrics_exposition_counts_predictions(client):
         "cnn_batch_size_bucket",
         "cnn_images_predicted_total",
         "cnn_batch_queue_depth",
-        'cnn_model_info{device="CPU:0",input_shape="32x32x3",name="shapes",version="2"} 1.0',
+        f'cnn_model_info{{device="{expected_device()}",input_shape="32x32x3",name="shapes",'
+        'version="2"} 1.0',
     ):
         assert name in text
     assert 'endpoint="/predict",status="200"' in text

@@ -134,9 +134,28 @@ def test_a_forming_batch_stops_waiting_at_the_window_end():
 
 
 def test_multi_image_request_gets_results_in_order():
-    batcher = make_batcher(RecordingModel())
+    model = RecordingModel()
+    batcher = make_batcher(model)
     results = batcher.predict([value(i) for i in range(20)], later())
     assert [r[0] for r in results] == list(range(20))
+    assert model.values == list(range(20)), "images run in the order they were queued"
+    assert model.batches == [8, 8, 4]
+    batcher.close()
+
+
+def test_wait_queued_tells_whether_the_images_arrived():
+    model = RecordingModel()
+    model.release.clear()
+    batcher = make_batcher(model, max_batch_size=1)
+    assert not batcher.wait_queued(1, timeout=0.01), "nothing is queued yet"
+    with ThreadPoolExecutor(2) as pool:
+        pool.submit(batcher.predict, [value(0)], later(60))
+        assert model.entered.wait(30)
+        queued = pool.submit(batcher.predict, [value(1), value(2)], later(60))
+        assert batcher.wait_queued(2, timeout=30)
+        assert not batcher.wait_queued(3, timeout=0.01)
+        model.release.set()
+        queued.result(30)
     batcher.close()
 
 
@@ -144,6 +163,15 @@ def test_full_queue_sheds_with_retry_after():
     model = RecordingModel()
     model.release.clear()
     batcher = make_batcher(model, max_queue=4, max_batch_size=1)
+    # Teach the batcher that a forward pass takes at least 0.6 s.
+    with ThreadPoolExecutor(1) as pool:
+        teacher = pool.submit(batcher.predict, [value(-1)], later(60))
+        assert model.entered.wait(30)
+        time.sleep(0.6)
+        model.release.set()
+        teacher.result(30)
+    model.entered.clear()
+    model.release.clear()
     with ThreadPoolExecutor(8) as pool:
         holding = pool.submit(batcher.predict, [value(0)], later(60))
         assert model.entered.wait(30)
@@ -151,7 +179,8 @@ def test_full_queue_sheds_with_retry_after():
         assert batcher.wait_queued(4, timeout=30)
         with pytest.raises(Overloaded) as shed:
             batcher.predict([value(9)], later())
-        assert shed.value.retry_after_s >= 1
+        # Four queued batches of >= 0.6 s each: come back in no less than 3 s.
+        assert shed.value.retry_after_s >= 3
         model.release.set()
         assert holding.result(30)[0][0] == 0
         assert len(queued.result(30)) == 4
@@ -202,6 +231,7 @@ def test_deadline_aware_admission_rejects_requests_that_cannot_make_it():
     model = RecordingModel(delay_s=0.2)
     batcher = make_batcher(model, max_batch_size=1)
     batcher.predict([value(0)], later(60))  # teaches the batcher: a forward pass takes >= 0.2 s
+    model.entered.clear()
     model.release.clear()
     with ThreadPoolExecutor(4) as pool:
         busy = [pool.submit(batcher.predict, [value(i)], later(60)) for i in range(3)]
@@ -214,6 +244,27 @@ def test_deadline_aware_admission_rejects_requests_that_cannot_make_it():
         for future in busy:
             future.result(30)
     assert 9 not in model.values, "the refused image must not reach the model"
+    batcher.close()
+
+
+def test_a_partly_filled_batch_counts_as_a_whole_forward_pass_in_the_estimate():
+    model = RecordingModel(delay_s=0.2)
+    batcher = make_batcher(model, max_batch_size=8)
+    batcher.predict([value(0)], later(60))  # teaches the batcher: a forward pass takes >= 0.2 s
+    model.entered.clear()
+    model.release.clear()
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(batcher.predict, [value(1)], later(60))
+        assert model.entered.wait(30)
+        queued = pool.submit(batcher.predict, [value(2)], later(60))
+        assert batcher.wait_queued(1, timeout=30)
+        # One image queued of a batch of 8 still needs one whole forward pass.
+        assert batcher.estimated_wait_s() >= 0.2
+        with pytest.raises(Overloaded, match="deadline"):
+            batcher.predict([value(9)], time.monotonic() + 0.1)
+        model.release.set()
+        busy.result(30)
+        queued.result(30)
     batcher.close()
 
 
