@@ -84,3 +84,17 @@ def test_graceful_timeout_outlasts_the_drain_and_a_requests_whole_lifetime():
     assert settings.running_batch_grace_s == 4
     assert settings.request_lifetime_s == 8
     assert settings.graceful_timeout_s == 15  # ceil(1.5 + 8 + the 5 s exit margin)
+
+
+def test_automatic_workers_stop_at_eight_on_a_big_machine(monkeypatch):
+    # The machine's core count is the environment, not the code under test: pretend 32.
+    monkeypatch.setattr("service.settings._usable_cores", lambda: 32)
+    assert Settings().worker_count == MAX_AUTO_WORKERS == 8
+    assert Settings().tf_threads == 4
+    assert Settings(workers=12).worker_count == 12
+
+
+def test_a_request_may_carry_as_many_images_as_the_queue_holds_but_no_more():
+    assert Settings(max_queue=8, max_images_per_request=8).max_images_per_request == 8
+    with pytest.raises(SettingsError, match="must not exceed MAX_QUEUE"):
+        Settings(max_queue=8, max_images_per_request=9)
