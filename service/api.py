@@ -129,16 +129,20 @@ def _top_k(req: Request) -> int:
         raise InvalidRequest(
             f"unknown query parameter {unknown[0]!r}; accepted: {', '.join(QUERY_PARAMETERS)}"
         )
-    raw = req.args.get("top_k")
-    if raw is None:
-        return DEFAULT_TOP_K
-    try:
-        top_k = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"top_k must be an int, got {raw!r}") from None
+    top_k = int(number_parameter(req.args.get("top_k"), "top_k", int, DEFAULT_TOP_K))
     if top_k < 1:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
     return top_k
+
+
+def number_parameter(raw: str | None, name: str, kind: type, default: float) -> float:
+    """Parse a numeric request parameter, or return `default` when it is absent."""
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a {kind.__name__}, got {raw!r}") from None
 
 
 def _authorize(req: Request, token: str) -> None:

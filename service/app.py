@@ -13,7 +13,7 @@ from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service import api, logs, metrics
-from service.api import json_response
+from service.api import json_response, number_parameter
 from service.body_deadline import BodyWithDeadline
 from service.errors import (
     DeadlineExceeded,
@@ -124,12 +124,7 @@ def _begin_request() -> None:
 def _timeout_s(limit_s: float) -> float:
     """Return the request's timeout: the client's (`timeout` or X-Request-Timeout), capped."""
     requested = request.args.get("timeout") or request.headers.get("X-Request-Timeout")
-    if requested is None:
-        return limit_s
-    try:
-        timeout_s = float(requested)
-    except ValueError:
-        raise InvalidRequest(f"timeout must be a number of seconds, got {requested!r}") from None
+    timeout_s = number_parameter(requested, "timeout", float, limit_s)
     if not 0 < timeout_s < math.inf:
         raise InvalidRequest(f"timeout must be a positive number of seconds, got {requested}")
     return min(timeout_s, limit_s)

@@ -26,17 +26,12 @@ from service.settings import Settings
 HOLD_LIMIT_S = 120.0
 
 
-class MisbehavingClassifier:
-    """The real classifier, failing, dying or held when a trigger image is in the batch."""
+class WrappedClassifier:
+    """The real classifier, to be wrapped by a test's own misbehaviour in predict_batch."""
 
-    def __init__(self, inner, fault_dir: Path) -> None:
+    def __init__(self, inner) -> None:
         self.inner = inner
         self.info = inner.info
-        self.fault_dir = fault_dir
-        self._held = itertools.count(1)
-        spec = inner.info.spec
-        self.triggers = {v: np.float32(v) * np.float32(spec.rescale) + np.float32(spec.offset)
-                         for v in (0, 128, 255)}  # fmt: skip
 
     @property
     def max_batch_size(self) -> int:
@@ -46,12 +41,33 @@ class MisbehavingClassifier:
         self.inner.warm_up()
 
     def predict_batch(self, inputs: np.ndarray) -> np.ndarray:
-        flat = [float(x.flat[0]) for x in inputs if x.min() == x.max()]
-        if self.triggers[0] in flat:
+        return self.inner.predict_batch(inputs)
+
+    def flat_values(self, inputs: np.ndarray) -> list[int]:
+        """Return the pixel value (0-255) of each image in the batch that is one flat colour."""
+        spec = self.info.spec
+        return [
+            round((float(x.flat[0]) - spec.offset) / spec.rescale)
+            for x in inputs
+            if x.min() == x.max()
+        ]
+
+
+class MisbehavingClassifier(WrappedClassifier):
+    """The real classifier, failing, dying or held when a trigger image is in the batch."""
+
+    def __init__(self, inner, fault_dir: Path) -> None:
+        super().__init__(inner)
+        self.fault_dir = fault_dir
+        self._held = itertools.count(1)
+
+    def predict_batch(self, inputs: np.ndarray) -> np.ndarray:
+        flat = self.flat_values(inputs)
+        if 0 in flat:
             raise RuntimeError("injected forward-pass failure")
-        if self.triggers[255] in flat:
+        if 255 in flat:
             raise SystemExit("injected death of the inference thread")
-        if self.triggers[128] in flat:
+        if 128 in flat:
             self._hold(next(self._held))
         return self.inner.predict_batch(inputs)
 

@@ -14,30 +14,21 @@ from prometheus_client import REGISTRY
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import image_bytes, make_cnn, write_model
+from tests.fault_app import WrappedClassifier
 
 GREY = image_bytes((32, 32), color=(128, 128, 128))
 
 
-class HeldClassifier:
+class HeldClassifier(WrappedClassifier):
     """The real classifier, but a batch holding a flat mid-grey image waits for `release`."""
 
     def __init__(self, inner) -> None:
-        self.inner = inner
-        self.info = inner.info
+        super().__init__(inner)
         self.held = threading.Event()
         self.release = threading.Event()
-        spec = inner.info.spec
-        self.trigger = np.float32(128) * np.float32(spec.rescale) + np.float32(spec.offset)
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.inner.max_batch_size
-
-    def warm_up(self) -> None:
-        self.inner.warm_up()
 
     def predict_batch(self, inputs: np.ndarray) -> np.ndarray:
-        if any(x.min() == x.max() == self.trigger for x in inputs):
+        if 128 in self.flat_values(inputs):
             self.held.set()
             self.release.wait(60)
         return self.inner.predict_batch(inputs)
