@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,7 +16,7 @@ from service.preprocessing import InputSpec, preprocess
 from service.runtime import load_classifier
 from training import data, export, report, shapes
 from training.model import make_model, smallest_input_side
-from training.pipeline import TrainingOptions, train
+from training.pipeline import TrainingOptions, load_dataset, train
 
 SPEC = InputSpec(32, 32, 3, rescale=1 / 127.5, offset=-1.0)
 # Mixed sizes, modes and formats: (suffix, Pillow mode, (width, height)).
@@ -118,6 +119,8 @@ def test_split_is_stratified_and_the_same_for_the_same_seed():
 def test_every_split_gets_an_image_of_every_class():
     assert data.split_sizes(3, 0.15, 0.15) == (1, 1, 1)
     assert data.split_sizes(100, 0.15, 0.15) == (70, 15, 15)
+    assert data.split_sizes(22, 0.1, 0.3) == (13, 2, 7)  # 2.2 and 6.6 round to the nearest
+    assert data.split_sizes(10, 0.26, 0.34) == (4, 3, 3)
     with pytest.raises(data.DatasetError, match="class 'b' has 2 usable image"):
         data.stratified_split(
             [data.Sample(b"", i // 3) for i in range(5)], ("a", "b"), 0.15, 0.15, 0
@@ -135,6 +138,17 @@ def test_folder_of_mixed_images_loads_every_image(image_folder):
     assert dataset.skipped == ()
     again = data.load_folder(image_folder, SPEC, 0.15, 0.15, seed=1)
     assert again.splits == dataset.splits
+
+
+def test_seed_option_picks_the_split_and_the_synthetic_images(image_folder, tmp_path):
+    def splits(**options):
+        return load_dataset(tiny_options(tmp_path, **options), SPEC).splits
+
+    folder = {"synthetic": None, "data": image_folder}
+    assert splits(**folder, seed=3) == splits(**folder, seed=3)
+    assert splits(**folder, seed=3) != splits(**folder, seed=4)
+    assert splits(seed=3) == splits(seed=3)
+    assert splits(seed=3) != splits(seed=4)
 
 
 def test_pre_split_folder_is_used_as_split_and_missing_val_is_carved_from_train(tmp_path):
@@ -176,6 +190,20 @@ def test_model_is_the_classic_sequential_cnn():
     assert kinds == block * 2 + head
     assert model.output_shape == (None, 5)
     assert model.layers[-1].activation.__name__ == "softmax"
+
+
+def test_model_layers_take_the_requested_filters_units_and_rates():
+    model = make_model((32, 32, 3), 5, (8, 16), convs_per_block=2, dense_units=12, dropout=0.3)
+
+    def layers(kind):
+        return [layer for layer in model.layers if isinstance(layer, kind)]
+
+    convs = [(conv.filters, conv.kernel_size) for conv in layers(keras.layers.Conv2D)]
+    assert convs == [(8, (3, 3))] * 2 + [(16, (3, 3))] * 2
+    assert [dense.units for dense in layers(keras.layers.Dense)] == [12, 5]
+    assert [dropout.rate for dropout in layers(keras.layers.Dropout)] == [0.3, 0.3, 0.5]
+    activations = [layer.activation.__name__ for layer in layers(keras.layers.Activation)]
+    assert activations == ["relu"] * 5 + ["softmax"]
 
 
 def test_model_refuses_an_input_too_small_for_its_blocks():

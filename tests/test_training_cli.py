@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.test_training import write_folder, write_image
-from training.cli import main
+from tests.test_training import SPEC, write_folder, write_image
+from training import data, report
+from training.cli import build_parser, main, summary
+from training.pipeline import TrainingRun
 
 TINY = ["--samples-per-class", "8", "--epochs", "1", "--batch-size", "8", "--filters", "4"]
 TINY += ["--convs-per-block", "1", "--dense-units", "8", "--quiet"]
@@ -128,3 +131,48 @@ def test_python_dash_m_training_reports_errors_without_a_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == f"error: {missing}: no such folder"
     assert "Traceback" not in result.stderr
+
+
+def test_every_option_reaches_its_own_field():
+    argv = "--data pics --out OUT --name n --img-size 24x40 --grayscale --epochs 3 --batch-size 5"
+    argv += " --seed 9 --val-split 0.1 --test-split 0.3 --patience 6 --learning-rate 0.02"
+    argv += " --filters 4 8 --convs-per-block 3 --dense-units 7 --dropout 0.2 --quiet"
+    argv += " --samples-per-class 11"
+    assert vars(build_parser().parse_args(argv.split())) == {
+        "data": Path("pics"),
+        "synthetic": None,
+        "samples_per_class": 11,
+        "out": Path("OUT"),
+        "name": "n",
+        "img_size": (24, 40),
+        "grayscale": True,
+        "epochs": 3,
+        "batch_size": 5,
+        "seed": 9,
+        "val_split": 0.1,
+        "test_split": 0.3,
+        "patience": 6,
+        "learning_rate": 0.02,
+        "filters": [4, 8],
+        "convs_per_block": 3,
+        "dense_units": 7,
+        "dropout": 0.2,
+        "verbose": 0,
+    }
+
+
+def test_summary_lists_precision_recall_and_support_of_each_class():
+    # Rows true class, columns predicted: blue 3 of 4 right, green 3 of 3, red 3 of 4.
+    confusion = np.array([[3, 0, 1], [0, 3, 0], [0, 1, 3]])
+    evaluation = report.Evaluation(("blue", "green", "red"), 0.25, 9 / 11, confusion)
+    dataset = data.Dataset(evaluation.labels, {})
+    run = TrainingRun(None, Path("models") / "colours" / "3", SPEC, dataset, evaluation)
+    lines = summary(run).splitlines()
+    assert lines[0] == f"Model saved to {Path('models') / 'colours' / '3'}"
+    assert lines[1] == "Test accuracy 0.8182, loss 0.2500, on 11 images"
+    assert [line.split() for line in lines[2:]] == [
+        ["class", "precision", "recall", "support"],
+        ["blue", "1.0000", "0.7500", "4"],
+        ["green", "0.7500", "1.0000", "3"],
+        ["red", "0.7500", "0.7500", "4"],
+    ]
