@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from tests.conftest import distinct_images, image_bytes
+from tests.fault_app import WrappedClassifier
 
 PREDICT_OK = {"endpoint": "/predict", "status": "200"}
 PREDICT_BAD = {"endpoint": "/predict", "status": "400"}
@@ -36,19 +37,8 @@ def values(*samples: tuple[str, dict[str, str] | None]) -> list[float]:
     return [value(name, labels) for name, labels in samples]
 
 
-class BrokenForwardPass:
+class BrokenForwardPass(WrappedClassifier):
     """The real classifier, warmed up as usual, whose every forward pass then raises."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.info = inner.info
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.inner.max_batch_size
-
-    def warm_up(self) -> None:
-        self.inner.warm_up()
 
     def predict_batch(self, inputs):
         raise RuntimeError("injected forward-pass failure")
