@@ -82,7 +82,7 @@ def check_model(path: Path) -> ModelFiles:
     """Vet the model folder as the workers will load it, on Keras's numpy backend.
 
     Building the model and loading its weights there finds every fault a worker would
-    (architecture, shapes, labels, weights) in about a second, without importing TensorFlow
+    (architecture, shapes, labels, weights) in about 2 s, without importing TensorFlow
     or tracing graphs; each worker then does the one TensorFlow import and load it needs.
     """
     model_dir.read(path)  # the common faults, found before Keras is imported at all

@@ -2,7 +2,7 @@
 
 Workers run Keras on its TensorFlow backend. The launcher imports this module on Keras's numpy
 backend instead (`cnn-serve` sets KERAS_BACKEND first): `check_model` builds and vets the model
-there without TensorFlow, so a bad model stops start-up in about a second, and TensorFlow is
+there without TensorFlow, so a bad model stops start-up within seconds, and TensorFlow is
 imported once per worker rather than once more in the launcher.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 from service import model_dir
 from service.errors import ModelLoadError
 from service.model_dir import ModelFiles, ModelInfo
+from service.preprocessing import InputSpec
 
 
 @contextlib.contextmanager
@@ -127,7 +128,7 @@ def configure_tensorflow(intra_op_threads: int = 0) -> str:
     return "/GPU:0" if gpus else "/CPU:0"
 
 
-def check_model(path: Path) -> tuple[keras.Model, ModelFiles]:
+def check_model(path: Path) -> tuple[keras.Model, ModelFiles, InputSpec]:
     """Build, vet and load the model in `path` (or its newest version); run no code from it."""
     files = model_dir.read(path)
     json_path = files.folder / model_dir.MODEL_JSON
@@ -152,8 +153,7 @@ def check_model(path: Path) -> tuple[keras.Model, ModelFiles]:
         model.load_weights(files.weights)
     except Exception as exc:
         raise ModelLoadError(f"{files.weights}: weights do not load ({_one_line(exc)})") from None
-    files.input_spec(*shape)  # the metadata's scaling must fit the model too
-    return model, files
+    return model, files, files.input_spec(*shape)
 
 
 def input_shape(model: keras.Model) -> tuple[int, ...]:
@@ -170,13 +170,10 @@ def load_classifier(path: Path, max_batch_size: int = 0, intra_op_threads: int =
         raise ModelLoadError(
             f"the service runs Keras on TensorFlow, not KERAS_BACKEND={keras.backend.backend()}"
         )
-    device = configure_tensorflow(intra_op_threads)
-    model, files = check_model(path)
-    height, width, channels = input_shape(model)
-    spec = files.input_spec(height, width, channels)
-    kind = device.strip("/").split(":")[0]
-    info = ModelInfo(files.name, files.version, files.labels, spec, device.strip("/"))
-    return Classifier(model, info, max_batch_size or DEFAULT_MAX_BATCH_SIZE[kind])
+    device = configure_tensorflow(intra_op_threads).strip("/")
+    model, files, spec = check_model(path)
+    info = ModelInfo(files.name, files.version, files.labels, spec, device)
+    return Classifier(model, info, max_batch_size or DEFAULT_MAX_BATCH_SIZE[device.split(":")[0]])
 
 
 def _one_line(exc: Exception) -> str:
