@@ -6,9 +6,11 @@ import itertools
 import logging
 import math
 import re
+import socket
 import time
 import uuid
 
+import orjson
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -20,6 +22,7 @@ from service.errors import (
     InferenceFailed,
     InvalidImage,
     InvalidRequest,
+    MalformedBody,
     ModelNotReady,
     Overloaded,
     PayloadTooLarge,
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 STATUS_OF_ERROR: dict[type[ServiceError], int] = {
     InvalidRequest: 400,
     InvalidImage: 400,
+    MalformedBody: 400,
     Unauthorized: 401,
     RequestTimeout: 408,
     PayloadTooLarge: 413,
@@ -158,14 +162,31 @@ def _error_response(status: int, code: str, message: str) -> Response:
         log.error(message, extra=extra)
     else:
         log.info(message, extra=extra)
-    return json_response({"error": {"code": code, "message": message}}, status)
+    return json_response(error_document(code, message), status)
+
+
+def error_document(code: str, message: str) -> dict[str, dict[str, str]]:
+    """Return the JSON error shape of every error answer."""
+    return {"error": {"code": code, "message": message}}
+
+
+def write_server_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
+    """Write an error gunicorn answers itself (a bad request line or header, found before
+    the app runs), in the service's JSON shape rather than gunicorn's HTML page."""
+    code = reason.lower().replace(" ", "_")
+    metrics.ERRORS.labels(code).inc()
+    body = orjson.dumps(error_document(code, message or reason))
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.settimeout(1.0)  # a few hundred bytes: a client that reads none is not waited for
+    sock.sendall(head.encode("latin-1") + body)
 
 
 def _service_error(error: ServiceError) -> Response:
     status = next(s for cls, s in STATUS_OF_ERROR.items() if isinstance(error, cls))
     response = _error_response(status, error.code, error.message)
-    if isinstance(error, RequestTimeout):
-        response.headers["Connection"] = "close"  # the rest of the body is not worth waiting for
     if isinstance(error, Overloaded):
         response.headers["Retry-After"] = str(error.retry_after_s)
     if isinstance(error, Unauthorized):
@@ -192,12 +213,5 @@ def _http_error(error: HTTPException) -> Response:
 def _unexpected_error(error: Exception) -> Response:
     log.exception("unhandled error", extra={"request_id": g.get("request_id")})
     metrics.ERRORS.labels("internal").inc()
-    return json_response(
-        {
-            "error": {
-                "code": "internal",
-                "message": f"internal error (request id {g.get('request_id', '-')})",
-            }
-        },
-        500,
-    )
+    message = f"internal error (request id {g.get('request_id', '-')})"
+    return json_response(error_document("internal", message), 500)

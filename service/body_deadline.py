@@ -16,7 +16,9 @@ import time
 from collections import deque
 from typing import Any
 
-from service.errors import RequestTimeout
+from gunicorn.http.errors import ParseException
+
+from service.errors import MalformedBody, RequestTimeout
 
 
 class _Watch:
@@ -89,7 +91,8 @@ WATCHDOG = SocketWatchdog()
 
 
 class BodyWithDeadline:
-    """The request body stream, raising RequestTimeout once the request's deadline passes."""
+    """The request body stream, raising RequestTimeout once the request's deadline passes,
+    and MalformedBody where gunicorn finds the body's framing broken."""
 
     def __init__(self, stream: Any, sock: socket.socket, deadline: float) -> None:
         self._stream = stream
@@ -110,9 +113,14 @@ class BodyWithDeadline:
         entry = WATCHDOG.watch(self._sock, self._deadline)
         try:
             data = method(size)
-        except Exception:
+        except Exception as exc:
             if WATCHDOG.release(entry):
                 raise RequestTimeout("the request body did not arrive in time") from None
+            if isinstance(exc, ParseException):
+                # gunicorn decodes the chunked framing as the app reads: a fault found there
+                # is the client's (gunicorn then closes the connection, whose rest it cannot
+                # frame as a next request).
+                raise MalformedBody(f"malformed request body: {exc}") from None
             raise
         if WATCHDOG.release(entry):
             raise RequestTimeout("the request body did not arrive in time")

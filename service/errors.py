@@ -37,6 +37,12 @@ class RequestTimeout(ServiceError):
     code = "request_timeout"
 
 
+class MalformedBody(ServiceError):
+    """The body's HTTP framing is broken (a bad chunk size, a missing chunk terminator)."""
+
+    code = "malformed_body"
+
+
 class UnsupportedMediaType(ServiceError):
     """The request's Content-Type is not one /predict accepts."""
 

@@ -85,6 +85,15 @@ def when_ready(server) -> None:  # type: ignore[no-untyped-def]
         metrics.serve_separately(_settings.host, _settings.metrics_port)
 
 
+def post_fork(server: object, worker: object) -> None:
+    """Have gunicorn write the errors it answers itself in the service's JSON shape."""
+    from gunicorn import util
+
+    from service.app import write_server_error
+
+    util.write_error = write_server_error
+
+
 def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
     """Accept connections only once the model is warm; on SIGTERM, drain, then stop.
 
