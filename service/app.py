@@ -173,7 +173,7 @@ def error_document(code: str, message: str) -> dict[str, dict[str, str]]:
 def write_server_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
     """Write an error gunicorn answers itself (a bad request line or header, found before
     the app runs), in the service's JSON shape rather than gunicorn's HTML page."""
-    code = reason.lower().replace(" ", "_")
+    code = _code_of(reason)
     metrics.ERRORS.labels(code).inc()
     body = orjson.dumps(error_document(code, message or reason))
     head = (
@@ -203,11 +203,16 @@ def _http_error(error: HTTPException) -> Response:
         )
         return _error_response(413, PayloadTooLarge.code, message)
     status = error.code or 500
-    code = (error.name or "error").lower().replace(" ", "_")
+    code = _code_of(error.name or "error")
     response = _error_response(status, code, error.description or error.name)
     if status == 405 and error.get_response().headers.get("Allow"):
         response.headers["Allow"] = error.get_response().headers["Allow"]
     return response
+
+
+def _code_of(reason: str) -> str:
+    # An HTTP reason phrase as an error code: "Method Not Allowed" -> "method_not_allowed".
+    return reason.lower().replace(" ", "_")
 
 
 def _unexpected_error(error: Exception) -> Response:

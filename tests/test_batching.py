@@ -16,11 +16,10 @@ from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Ove
 class RecordingModel:
     """A fake model: output row i is [input value, batch size]; it records every batch."""
 
-    def __init__(self, delay_s: float = 0.0, fail_when=None) -> None:
+    def __init__(self, fail_when=None) -> None:
         self.batches: list[int] = []
         self.values: list[float] = []
         self._first_size: int | None = None
-        self.delay_s = delay_s
         self.fail_when = fail_when
         self.entered = threading.Event()
         self.release = threading.Event()
@@ -36,7 +35,6 @@ class RecordingModel:
             self._first_size = len(inputs)
         self.entered.set()
         self.release.wait(10)
-        time.sleep(self.delay_s)
         if self.fail_when is not None and self.fail_when(inputs):
             raise RuntimeError("injected failure")
         self.batches.append(len(inputs))
@@ -50,6 +48,21 @@ def make_batcher(model, **overrides) -> Batcher:
     batcher = Batcher(model, **options)
     batcher.start()
     return batcher
+
+
+def teach(batcher: Batcher, model: RecordingModel, forward_s: float) -> None:
+    """Run one batch lasting at least `forward_s`, so the wait estimate learns that a forward
+    pass takes that long; leave the model holding its next batch until `release` is set."""
+    model.entered.clear()
+    model.release.clear()
+    with ThreadPoolExecutor(1) as pool:
+        teacher = pool.submit(batcher.predict, [value(-1)], later(60))
+        assert model.entered.wait(30)
+        time.sleep(forward_s)
+        model.release.set()
+        teacher.result(30)
+    model.entered.clear()
+    model.release.clear()
 
 
 def value(x: float) -> np.ndarray:
@@ -161,17 +174,8 @@ def test_wait_queued_tells_whether_the_images_arrived():
 
 def test_full_queue_sheds_with_retry_after():
     model = RecordingModel()
-    model.release.clear()
     batcher = make_batcher(model, max_queue=4, max_batch_size=1)
-    # Teach the batcher that a forward pass takes at least 0.6 s.
-    with ThreadPoolExecutor(1) as pool:
-        teacher = pool.submit(batcher.predict, [value(-1)], later(60))
-        assert model.entered.wait(30)
-        time.sleep(0.6)
-        model.release.set()
-        teacher.result(30)
-    model.entered.clear()
-    model.release.clear()
+    teach(batcher, model, forward_s=0.6)
     with ThreadPoolExecutor(8) as pool:
         holding = pool.submit(batcher.predict, [value(0)], later(60))
         assert model.entered.wait(30)
@@ -228,11 +232,9 @@ def test_dead_inference_thread_reports_not_alive_and_refuses_work():
 
 
 def test_deadline_aware_admission_rejects_requests_that_cannot_make_it():
-    model = RecordingModel(delay_s=0.2)
+    model = RecordingModel()
     batcher = make_batcher(model, max_batch_size=1)
-    batcher.predict([value(0)], later(60))  # teaches the batcher: a forward pass takes >= 0.2 s
-    model.entered.clear()
-    model.release.clear()
+    teach(batcher, model, forward_s=0.2)
     with ThreadPoolExecutor(4) as pool:
         busy = [pool.submit(batcher.predict, [value(i)], later(60)) for i in range(3)]
         assert model.entered.wait(30)
@@ -248,11 +250,9 @@ def test_deadline_aware_admission_rejects_requests_that_cannot_make_it():
 
 
 def test_a_partly_filled_batch_counts_as_a_whole_forward_pass_in_the_estimate():
-    model = RecordingModel(delay_s=0.2)
+    model = RecordingModel()
     batcher = make_batcher(model, max_batch_size=8)
-    batcher.predict([value(0)], later(60))  # teaches the batcher: a forward pass takes >= 0.2 s
-    model.entered.clear()
-    model.release.clear()
+    teach(batcher, model, forward_s=0.2)
     with ThreadPoolExecutor(2) as pool:
         busy = pool.submit(batcher.predict, [value(1)], later(60))
         assert model.entered.wait(30)
