@@ -50,6 +50,9 @@ STATUS_OF_ERROR: dict[type[ServiceError], int] = {
     ModelNotReady: 503,
     DeadlineExceeded: 504,
 }
+# Set by the gunicorn worker (service.worker): the monotonic time the request's first byte
+# arrived, where its one deadline starts.
+ARRIVED_AT = "cnn_serving.arrived_at"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ID_COUNTER = itertools.count()
@@ -115,9 +118,10 @@ def _begin_request() -> None:
     if request.method != "POST":
         return
     settings: Settings = current_app.config["SETTINGS"]
-    # The request's one deadline: the body read, queue admission and the wait for a batch
-    # all measure against it.
-    g.deadline = time.monotonic() + _timeout_s(settings.request_timeout_s)
+    # The request's one deadline, from its first byte: its arrival, queue admission and the
+    # wait for a batch all measure against it.
+    arrived_at = request.environ.get(ARRIVED_AT, time.monotonic())
+    g.deadline = arrived_at + _timeout_s(settings.request_timeout_s)
     sock = request.environ.get("gunicorn.socket")
     if sock is not None:
         request.environ["wsgi.input"] = BodyWithDeadline(
@@ -173,15 +177,20 @@ def error_document(code: str, message: str) -> dict[str, dict[str, str]]:
 def write_server_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
     """Write an error gunicorn answers itself (a bad request line or header, found before
     the app runs), in the service's JSON shape rather than gunicorn's HTML page."""
-    code = _code_of(reason)
+    code = error_code(reason)
     metrics.ERRORS.labels(code).inc()
-    body = orjson.dumps(error_document(code, message or reason))
+    sock.settimeout(1.0)  # a few hundred bytes: a client that reads none is not waited for
+    sock.sendall(error_bytes(status, reason, code, message or reason))
+
+
+def error_bytes(status: int, reason: str, code: str, message: str) -> bytes:
+    """Return a whole JSON error response, closing the connection, as bytes to send."""
+    body = orjson.dumps(error_document(code, message))
     head = (
         f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
-    sock.settimeout(1.0)  # a few hundred bytes: a client that reads none is not waited for
-    sock.sendall(head.encode("latin-1") + body)
+    return head.encode("latin-1") + body
 
 
 def _service_error(error: ServiceError) -> Response:
@@ -203,15 +212,15 @@ def _http_error(error: HTTPException) -> Response:
         )
         return _error_response(413, PayloadTooLarge.code, message)
     status = error.code or 500
-    code = _code_of(error.name or "error")
+    code = error_code(error.name or "error")
     response = _error_response(status, code, error.description or error.name)
     if status == 405 and error.get_response().headers.get("Allow"):
         response.headers["Allow"] = error.get_response().headers["Allow"]
     return response
 
 
-def _code_of(reason: str) -> str:
-    # An HTTP reason phrase as an error code: "Method Not Allowed" -> "method_not_allowed".
+def error_code(reason: str) -> str:
+    """Return a reason phrase as an error code: "Method Not Allowed" -> "method_not_allowed"."""
     return reason.lower().replace(" ", "_")
 
 

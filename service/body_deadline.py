@@ -1,7 +1,9 @@
 """Bound the time a request body may take to arrive, so a slow client cannot hold a thread.
 
-gunicorn's gthread worker reads a body with blocking `recv` calls and no timeout, and a
-socket timeout would not help: it bounds each `recv`, and a client sending a byte every
+The service's worker (service/worker.py) reads bodies whole before a thread runs, except
+where it hands a request over early (a body over the limit, framing the parser judges).
+There gunicorn reads the rest with blocking `recv` calls and no timeout, and a socket
+timeout would not help: it bounds each `recv`, and a client sending a byte every
 half second satisfies every one of them. Instead one watchdog thread per process shuts the
 read side of any socket whose body is still being read at its deadline; the blocked read
 then returns, and the request answers 408.

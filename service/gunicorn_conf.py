@@ -26,9 +26,10 @@ bind = (
 # One process per core (or per GPU): each holds one model and one batcher, and has its own
 # GIL, so parsing, decoding and the batcher's Python work spread over the cores.
 workers = _settings.worker_count
-# gthread: request threads parse and decode uploads in parallel while the batcher's thread
-# runs the model; the GIL is released in Pillow and TensorFlow, so threads overlap well.
-worker_class = "gthread"
+# gthread, whose event loop reads each request whole before a request thread gets it, so
+# slow clients cannot hold the threads (service/worker.py). The threads decode uploads in
+# parallel while the batcher's thread runs the model; Pillow and TensorFlow release the GIL.
+worker_class = "service.worker.ArrivalWorker"
 threads = _settings.threads
 # Load the app (and TensorFlow) in each worker after the fork, never in the master.
 preload_app = False
@@ -41,7 +42,7 @@ timeout = 30
 graceful_timeout = _settings.graceful_timeout_s
 # Short keep-alive: clients behind a load balancer reuse connections; idle ones free quickly.
 keepalive = 5
-# A slow client may not hold a thread forever while sending its request line and headers.
+# gunicorn's limits on the request line and headers; the worker buffers no more than these.
 limit_request_line = 8190
 # The control socket (gunicorn >= 25) is for interactive admin; in a container with a
 # read-only root filesystem and in parallel test runs it only gets in the way.

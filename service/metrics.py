@@ -57,6 +57,16 @@ BATCH_SIZE = Histogram(
 )
 IMAGES_PREDICTED = Counter("cnn_images_predicted_total", "Images run through the model.")
 ERRORS = Counter("cnn_errors_total", "Error responses, by error code.", ["code"])
+REQUEST_ARRIVAL = Histogram(
+    "cnn_http_request_arrival_seconds",
+    "Time from a request's first byte to its last, read by the worker's event loop.",
+    buckets=LATENCY_BUCKETS,
+)
+REQUESTS_ARRIVING = Gauge(
+    "cnn_http_requests_arriving",
+    "Connections whose next request is still arriving (or not yet begun), over live workers.",
+    multiprocess_mode="livesum",
+)
 QUEUE_DEPTH = Gauge(
     "cnn_batch_queue_depth",
     "Images waiting in the batch queues of all live workers.",
