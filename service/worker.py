@@ -187,6 +187,16 @@ class _Conn(TConn):
 class ArrivalWorker(ThreadWorker):
     """gthread, but a request thread only ever gets a request that arrived whole."""
 
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """Refuse TLS and HTTP/2: the event loop reads plain HTTP/1.1 bytes."""
+        super().check_config(cfg, log)
+        if cfg.is_ssl or "h2" in cfg.http_protocols:
+            raise SystemExit(
+                "cnn-serve: error: the service speaks plain HTTP/1.1; terminate TLS and HTTP/2"
+                " in front of it (an ingress or a load balancer)"
+            )
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         settings = Settings.from_env()
