@@ -7,20 +7,26 @@ through /proc/<holder>/root, to hand it to a server and to fill and free it.
 
 from __future__ import annotations
 
+import collections
 import errno
+import json
 import logging
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from prometheus_client import Counter, Gauge, Histogram, multiprocess, values
 
 from service import metric_files
-from tests.conftest import require_tool, unavailable
+from tests.conftest import Server, distinct_images, free_port, require_tool, unavailable
+from tests.load import metric, post_png, samples, scrape, worker_pids
 
+FAILURES = "cnn_metrics_write_failures_total"
 TEST_FAILURES = "test_failures_total"
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -187,3 +193,115 @@ def test_a_process_that_reuses_a_dead_ones_pid_carries_on_from_its_file(
     monkeypatch.setattr(values, "ValueClass", metric_files.value_class(str(file_values), "x"))
     Counter("test_images", "Images.", registry=None).inc(2)
     assert exported(file_values)[("test_images_total", ())] == 5
+
+
+def json_lines(server: Server) -> list[dict]:
+    return [json.loads(line) for line in server.log().splitlines()]
+
+
+def boots(server: Server) -> int:
+    """Return how many workers gunicorn has started."""
+    return sum("Booting worker" in line["message"] for line in json_lines(server))
+
+
+def wait_for_replacement(server: Server, dead: int, within_s: float = 180) -> int:
+    """Wait until one new worker is ready; fail at once if workers keep dying."""
+    deadline = time.monotonic() + within_s
+    while True:
+        assert boots(server) <= 2, f"workers keep dying:\n{server.log()[-3000:]}"
+        assert time.monotonic() < deadline, f"no ready worker in {within_s}s"
+        pids = worker_pids(server.process.pid)
+        if pids and dead not in pids:
+            try:
+                if requests.get(server.url + "/readyz", timeout=2).status_code == 200:
+                    [pid] = pids
+                    return pid
+            except requests.RequestException:
+                pass
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("own_metrics_port", [False, True], ids=["app-port", "metrics-port"])
+def test_a_full_metrics_folder_costs_metrics_not_requests(
+    server_factory: Callable[..., Server],
+    model_dir: Path,
+    private_tmpfs: Callable[[int], Path],
+    own_metrics_port: bool,
+) -> None:
+    folder = private_tmpfs(512)
+    metrics_port = free_port() if own_metrics_port else 0
+    server = server_factory(
+        model_dir,
+        WORKERS="1",
+        THREADS="4",
+        METRICS_PORT=str(metrics_port),
+        PROMETHEUS_MULTIPROC_DIR=str(folder),
+    )
+    metrics_url = f"http://127.0.0.1:{metrics_port}" if metrics_port else server.url
+    images = iter(distinct_images(20))
+    predicted = 0
+
+    def predict() -> None:
+        nonlocal predicted
+        response = post_png(server.url, next(images))
+        assert response.status_code == 200, response.text
+        predicted += 1
+
+    predict()  # every slot a prediction needs exists before the folder fills
+    first = worker_pids(server.process.pid)[0]
+    filler = fill(folder)
+
+    # Label values never used before need new slots in the first worker's files.
+    assert requests.get(server.url + "/nowhere", timeout=10).status_code == 404
+    assert requests.post(server.url + "/readyz", timeout=10).status_code == 405
+    assert post_png(server.url, b"junk").status_code == 400
+    assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+    for _ in range(3):
+        predict()
+    assert requests.get(server.url + "/readyz", timeout=10).status_code == 200
+    scrape(metrics_url)  # no file in the folder is empty or half-made
+    assert worker_pids(server.process.pid) == [first]
+
+    # Its replacement must make every file anew, on the full folder.
+    os.kill(first, signal.SIGKILL)
+    replacement = wait_for_replacement(server, first)
+    fill(folder)  # again: mark_process_dead removed the dead worker's live-gauge files
+    unsupported = 3  # an error code first used now
+    for _ in range(unsupported):
+        response = requests.post(
+            server.url + "/predict", data=b"x", headers={"Content-Type": "text/plain"}, timeout=30
+        )
+        assert response.status_code == 415
+    for _ in range(3):
+        predict()
+    assert requests.get(server.url + "/readyz", timeout=10).status_code == 200
+    scrape(metrics_url)
+    assert worker_pids(server.process.pid) == [replacement]
+    assert boots(server) == 2
+
+    errors = collections.Counter(
+        line["pid"]
+        for line in json_lines(server)
+        if line["logger"] == "service.metric_files" and line["level"] == "ERROR"
+    )
+    assert errors[replacement] == 1, server.log()[-3000:]
+    assert max(errors.values()) == 1, errors
+
+    filler.unlink()
+
+    def recovered() -> bool:
+        requests.get(server.url + "/healthz", timeout=10)  # a write, which retries the files
+        text = scrape(metrics_url)
+        # cnn_ready: a live gauge the replacement set during the outage.
+        return sum(samples(text, FAILURES)) > 0 and samples(text, "cnn_ready") == [1]
+
+    wait_until(recovered, "the kept values reached the files")
+    text = scrape(metrics_url)
+    # The first worker's count was in its file; the replacement's was kept, then written.
+    assert metric(text, "cnn_images_predicted_total") == predicted
+    assert metric(text, "cnn_errors_total", code="unsupported_media_type") == unsupported
+    assert worker_pids(server.process.pid) == [replacement]
+    assert boots(server) == 2
+    assert "SIGBUS" not in server.log()
+    assert not [name for name in os.listdir(folder) if not name.endswith(".db")]
