@@ -21,12 +21,12 @@ from prometheus_client import (
     start_http_server,
 )
 
-from service import metric_files
+from service import metric_values
 
 # Before any metric exists, so that every value lives in a file whose space is reserved: a
-# full metrics folder then costs metrics, never a worker (see service/metric_files.py).
+# full metrics folder then costs metrics, never a worker (see service/metric_values.py).
 METRIC_WRITE_FAILURES_NAME = "cnn_metrics_write_failures_total"
-metric_files.install(failure_counter=METRIC_WRITE_FAILURES_NAME)
+metric_values.install(failure_counter=METRIC_WRITE_FAILURES_NAME)
 
 # Millisecond-scale buckets: a 32x32 image is answered in a few ms, a batch queued behind a
 # burst or a big upload in tens to hundreds.

@@ -22,7 +22,7 @@ import pytest
 import requests
 from prometheus_client import Counter, Gauge, Histogram, multiprocess, values
 
-from service import metric_files
+from service import metric_values
 from tests.conftest import Server, distinct_images, free_port, require_tool, unavailable
 from tests.load import metric, post_png, samples, scrape, worker_pids
 
@@ -94,7 +94,7 @@ def wait_until(done: Callable[[], bool], what: str, within_s: float = 60) -> Non
 def file_values(monkeypatch: pytest.MonkeyPatch, private_tmpfs: Callable[[int], Path]) -> Path:
     """Make new metrics keep their values in reserved files on a 64 KiB tmpfs; return it."""
     folder = private_tmpfs(64)
-    monkeypatch.setattr(values, "ValueClass", metric_files.value_class(str(folder), TEST_FAILURES))
+    monkeypatch.setattr(values, "ValueClass", metric_values.value_class(str(folder), TEST_FAILURES))
     return folder
 
 
@@ -107,13 +107,13 @@ def in_memory(counter: Counter) -> float:
 def logged_errors(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> Callable[[], int]:
-    """Return a function counting the ERROR lines service.metric_files has logged."""
+    """Return a function counting the ERROR lines service.metric_values has logged."""
     # The service's JSON logging stops its records at "service"; caplog listens at the root.
     monkeypatch.setattr(logging.getLogger("service"), "propagate", True)
 
     def count() -> int:
         return sum(
-            record.name == "service.metric_files" and record.levelno == logging.ERROR
+            record.name == "service.metric_values" and record.levelno == logging.ERROR
             for record in caplog.records
         )
 
@@ -190,7 +190,7 @@ def test_a_process_that_reuses_a_dead_ones_pid_carries_on_from_its_file(
 ) -> None:
     Counter("test_images", "Images.", registry=None).inc(3)
     # A second value class on the folder is a new process with the same pid.
-    monkeypatch.setattr(values, "ValueClass", metric_files.value_class(str(file_values), "x"))
+    monkeypatch.setattr(values, "ValueClass", metric_values.value_class(str(file_values), "x"))
     Counter("test_images", "Images.", registry=None).inc(2)
     assert exported(file_values)[("test_images_total", ())] == 5
 
@@ -283,7 +283,7 @@ def test_a_full_metrics_folder_costs_metrics_not_requests(
     errors = collections.Counter(
         line["pid"]
         for line in json_lines(server)
-        if line["logger"] == "service.metric_files" and line["level"] == "ERROR"
+        if line["logger"] == "service.metric_values" and line["level"] == "ERROR"
     )
     assert errors[replacement] == 1, server.log()[-3000:]
     assert max(errors.values()) == 1, errors
