@@ -21,6 +21,13 @@ from prometheus_client import (
     start_http_server,
 )
 
+from service import metric_values
+
+# Before any metric exists, so that every value lives in a file whose space is reserved: a
+# full metrics folder then costs metrics, never a worker (see service/metric_values.py).
+METRIC_WRITE_FAILURES_NAME = "cnn_metrics_write_failures_total"
+metric_values.install(failure_counter=METRIC_WRITE_FAILURES_NAME)
+
 # Millisecond-scale buckets: a 32x32 image is answered in a few ms, a batch queued behind a
 # burst or a big upload in tens to hundreds.
 LATENCY_BUCKETS = (
@@ -28,6 +35,13 @@ LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# The first metric: its slot is made first, so it can be exported whenever anything can.
+METRIC_WRITE_FAILURES = Counter(
+    METRIC_WRITE_FAILURES_NAME,
+    "Metric samples a worker had to keep in memory because the metrics folder had no room "
+    "for them (each counted once; written there once there is room).",
+)
 
 REQUEST_LATENCY = Histogram(
     "cnn_http_request_duration_seconds",

@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -256,11 +257,15 @@ def require_tool(name: str, package: str) -> str:
     folders = [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
     path = shutil.which(name, path=os.pathsep.join(folders))
     if path is None:
-        message = f"{name} is not installed ({package}; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}: CI must run every test")
-        pytest.skip(message)
+        unavailable(f"{name} is not installed ({package}; .ci/run installs it)")
     return path
+
+
+def unavailable(message: str) -> NoReturn:
+    """Skip a test that lacks what it drives, but fail it in CI, which must run every test."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}: CI must run every test")
+    pytest.skip(message)
 
 
 def png_bomb(width: int, height: int) -> bytes:
