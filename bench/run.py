@@ -351,7 +351,7 @@ def print_report(
             key=lambda r: r.images_per_s,
         )
         ratios = f"{best.images_per_s / best_limit:.0%} of the compute limit"
-        if naive is not None and name == naive.payload:
+        if naive is not None and name == naive.payload and naive.images_per_s > 0:
             ratios += f", {best.images_per_s / naive.images_per_s:.0f}x the naive server"
         print(
             f"- {name}: best {best.images_per_s:,.0f} images/s at c={best.concurrency} ({ratios})"

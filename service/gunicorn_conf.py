@@ -65,8 +65,9 @@ def on_starting(server: object) -> None:
     """Wipe metric files a previous run left, before any worker writes new ones."""
     folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     folder.mkdir(parents=True, exist_ok=True)
-    # Only prometheus_client's own files: the folder may be a mount point, or shared.
-    for stale in folder.glob("*.db"):
+    # Only the metric files (and any a killed worker left half-made): the folder may be a
+    # mount point, or shared.
+    for stale in [*folder.glob("*.db"), *folder.glob("*.db.part")]:
         stale.unlink(missing_ok=True)
 
 
