@@ -14,42 +14,20 @@ import orjson
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from service import api, logs, metrics
-from service.api import json_response, number_parameter
+from service import logs, metrics
 from service.body_deadline import BodyWithDeadline
 from service.errors import (
-    DeadlineExceeded,
-    InferenceFailed,
-    InvalidImage,
     InvalidRequest,
-    MalformedBody,
-    ModelNotReady,
-    Overloaded,
     PayloadTooLarge,
-    RequestTimeout,
     ServiceError,
-    Unauthorized,
-    UnsupportedMediaType,
 )
-from service.inference import Classifier, ModelService
+from service.http import predict
+from service.http.base import json_response, number_parameter
+from service.inference import Classifier, Models, ModelService
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The one place typed errors become HTTP statuses.
-STATUS_OF_ERROR: dict[type[ServiceError], int] = {
-    InvalidRequest: 400,
-    InvalidImage: 400,
-    MalformedBody: 400,
-    Unauthorized: 401,
-    RequestTimeout: 408,
-    PayloadTooLarge: 413,
-    UnsupportedMediaType: 415,
-    InferenceFailed: 500,
-    Overloaded: 503,
-    ModelNotReady: 503,
-    DeadlineExceeded: 504,
-}
 # Set by the gunicorn worker (service.worker): the monotonic time the request's first byte
 # arrived, where its one deadline starts.
 ARRIVED_AT = "cnn_serving.arrived_at"
@@ -75,6 +53,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
 
     model_service = ModelService(settings, classifier)
     app.extensions["model_service"] = model_service
+    app.extensions["models"] = Models([model_service])
     model_service.start(background=classifier is None)
 
     app.before_request(_begin_request)
@@ -86,7 +65,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     app.add_url_rule("/readyz", view_func=_readyz)
     if not settings.metrics_port:
         app.add_url_rule("/metrics", view_func=_metrics)
-    app.register_blueprint(api.blueprint)
+    app.register_blueprint(predict.blueprint)
     return app
 
 
@@ -194,12 +173,8 @@ def error_bytes(status: int, reason: str, code: str, message: str) -> bytes:
 
 
 def _service_error(error: ServiceError) -> Response:
-    status = next(s for cls, s in STATUS_OF_ERROR.items() if isinstance(error, cls))
-    response = _error_response(status, error.code, error.message)
-    if isinstance(error, Overloaded):
-        response.headers["Retry-After"] = str(error.retry_after_s)
-    if isinstance(error, Unauthorized):
-        response.headers["WWW-Authenticate"] = "Bearer"
+    response = _error_response(error.status, error.code, error.message)
+    response.headers.update(error.headers())
     return response
 
 

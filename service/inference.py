@@ -6,7 +6,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -15,9 +15,15 @@ import numpy as np
 
 from service import metrics
 from service.batching import Batcher
-from service.errors import ModelLoadError, ModelNotReady, ServiceError
+from service.errors import (
+    InvalidRequest,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    ServiceError,
+)
 from service.model_dir import ModelInfo
-from service.preprocessing import preprocess
+from service.preprocessing import preprocess, to_model_input
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -183,12 +189,40 @@ class ModelService:
         if self.batcher is not None:
             self.batcher.close(timeout)
 
-    def predict(self, uploads: Sequence[Upload], deadline: float) -> list[np.ndarray]:
-        """Preprocess each upload and return its class probabilities, in order."""
+    def _serving(self) -> tuple[Batcher, Classifier]:
         batcher, classifier = self.batcher, self.classifier
         accepting = self.status in (Status.READY, Status.DRAINING)
         if batcher is None or classifier is None or not accepting or not batcher.alive:
             raise ModelNotReady(f"the model is not ready ({self.readiness()['status']})")
+        return batcher, classifier
+
+    def predict_tensor(self, batch: np.ndarray, deadline: float) -> list[np.ndarray]:
+        """Return the class probabilities of images already at the model's input size.
+
+        `batch` is [N, H, W, C]: uint8 pixels are scaled as the model folder says (as decoded
+        uploads are), float32 values are taken as the model's input values.
+        """
+        batcher, classifier = self._serving()
+        spec = classifier.info.spec
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != spec.shape:
+            raise InvalidRequest(
+                f"the tensor's shape is {list(batch.shape)}; the model takes "
+                f"[N, {', '.join(map(str, spec.shape))}]"
+            )
+        if batch.dtype == np.uint8:
+            inputs = to_model_input(batch, spec)
+        elif batch.dtype == np.float32:
+            if not np.isfinite(batch).all():
+                raise InvalidRequest("the tensor holds a NaN or an infinity")
+            inputs = batch
+        else:
+            raise InvalidRequest(f"the tensor's type is {batch.dtype}; use uint8 or float32")
+        with batcher.arrival() as arrival:
+            return arrival.predict(list(inputs), deadline)
+
+    def predict(self, uploads: Sequence[Upload], deadline: float) -> list[np.ndarray]:
+        """Preprocess each upload and return its class probabilities, in order."""
+        batcher, classifier = self._serving()
         spec = classifier.info.spec
         with batcher.arrival() as arrival:
             inputs = []
@@ -201,3 +235,36 @@ class ModelService:
                     raise
                 metrics.PREPROCESS_LATENCY.observe(time.perf_counter() - started)
             return arrival.predict(inputs, deadline)
+
+
+class Models:
+    """The models served, found by name and version: the one lookup every protocol uses.
+
+    Today that is one model with one version; serving more changes this class, not the
+    HTTP layer.
+    """
+
+    def __init__(self, services: Sequence[ModelService]) -> None:
+        self._services = list(services)
+
+    def __iter__(self) -> Iterator[ModelService]:
+        return iter(self._services)
+
+    def find(self, name: str | None = None, version: str | None = None) -> ModelService:
+        """Return the model `name` (the default one if None) at `version` (its own if None).
+
+        Raise ModelNotReady while no model is loaded (its name is not known yet), and
+        ModelNotFound for a name or version not served.
+        """
+        for service in self._services:
+            if service.classifier is None:
+                raise ModelNotReady(f"the model is not ready ({service.readiness()['status']})")
+            info = service.classifier.info
+            if name in (None, info.name):
+                if version not in (None, info.version):
+                    raise ModelNotFound(
+                        f"model {info.name!r} has no version {version!r}; served: {info.version!r}"
+                    )
+                return service
+        served = ", ".join(repr(s.classifier.info.name) for s in self._services if s.classifier)
+        raise ModelNotFound(f"no model named {name!r} is served; served: {served}")

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from service.api import prediction_body
 from service.app import create_app
+from service.http.predict import prediction_body
 from service.settings import Settings
 from tests.conftest import (
     LABELS,

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 
 import numpy as np
 import orjson
 from flask import Blueprint, Request, Response, current_app, g, request
 
-from service.errors import (
-    InvalidRequest,
-    PayloadTooLarge,
-    Unauthorized,
-    UnsupportedMediaType,
-)
-from service.inference import ModelService, Upload
+from service.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from service.http.base import authorize, json_response, number_parameter
+from service.inference import Models, ModelService, Upload
 from service.settings import Settings
 
-blueprint = Blueprint("api", __name__)
+blueprint = Blueprint("predict", __name__)
 
 DEFAULT_TOP_K = 5
 QUERY_PARAMETERS = ("top_k", "timeout")
@@ -30,17 +25,13 @@ ACCEPTED_TYPES = "multipart/form-data, image/*, application/json"
 def predict() -> Response:
     """Classify the request's images and return one prediction per image, in order."""
     settings: Settings = current_app.config["SETTINGS"]
-    _authorize(request, current_app.config["API_TOKEN"])
-    service: ModelService = current_app.extensions["model_service"]
+    authorize(request, current_app.config["API_TOKEN"])
+    models: Models = current_app.extensions["models"]
+    service = models.find()
     top_k = _top_k(request)
     uploads = read_uploads(request, settings.max_images_per_request)
     probabilities = service.predict(uploads, deadline=g.deadline)
     return json_response(prediction_body(service, probabilities, top_k))
-
-
-def json_response(body: object, status: int = 200) -> Response:
-    """Return `body` as a JSON response (orjson: fast on long float lists)."""
-    return Response(orjson.dumps(body), status=status, mimetype="application/json")
 
 
 def prediction_body(service: ModelService, outputs: list[np.ndarray], top_k: int) -> dict:
@@ -133,23 +124,3 @@ def _top_k(req: Request) -> int:
     if top_k < 1:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
     return top_k
-
-
-def number_parameter(raw: str | None, name: str, kind: type, default: float) -> float:
-    """Parse a numeric request parameter, or return `default` when it is absent."""
-    if raw is None:
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name} must be a {kind.__name__}, got {raw!r}") from None
-
-
-def _authorize(req: Request, token: str) -> None:
-    if not token:
-        return
-    scheme, _, supplied = req.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        supplied.strip().encode(), token.encode()
-    ):
-        raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
