@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_runs_and_reports_every_payload_without_errors(tmp_path):
     require_tool("wrk", "Debian package 'wrk'")
     report = tmp_path / "bench.json"
-    command = [sys.executable, "bench/run.py", "--duration", "1", "--concurrency", "2"]
+    # 3 s per wrk run: a 1 s window on a busy 2-core machine once ended before the naive
+    # server's first answer (a smoke run proves the bench works, not how fast).
+    command = [sys.executable, "bench/run.py", "--duration", "3", "--concurrency", "2"]
     result = subprocess.run(
         [*command, "--json", str(report)],
         cwd=ROOT,
@@ -36,5 +38,5 @@ def test_bench_runs_and_reports_every_payload_without_errors(tmp_path):
         ("service", "jpeg640x480"),
         ("service", "16xpng32"),
     }
-    assert all(r["errors"] == 0 and r["requests_per_s"] > 0 for r in results)
+    assert all(r["errors"] == 0 and r["requests_per_s"] > 0 for r in results), results
     assert all(r["mean_batch"] >= 1 for r in results if r["server"] == "service")
