@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+import orjson
 import pytest
 import requests
 
@@ -13,6 +14,7 @@ from service.settings import Settings
 from tests.conftest import LABELS, distinct_images, expected_probabilities, start_server
 
 MODEL = "/v1/models/shapes"
+FORM = "application/x-www-form-urlencoded"
 
 
 def b64(data: bytes) -> dict[str, str]:
@@ -239,3 +241,11 @@ def test_not_loaded_is_503_with_retry_after(tmp_path):
 def test_predict_keeps_its_own_error_shape(client):
     error = client.post("/predict", json={"instances": []}).get_json()["error"]
     assert error["code"] == "invalid_request"
+
+
+def test_curl_default_content_type_is_read_as_json(client):
+    # curl -d sends application/x-www-form-urlencoded; TF Serving reads the body as JSON.
+    body = orjson.dumps({"instances": model_tensor(1).tolist()})
+    response = client.post(MODEL + ":predict", data=body, content_type=FORM)
+    assert response.status_code == 200, response.get_json()
+    assert len(response.get_json()["predictions"]) == 1
