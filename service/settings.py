@@ -54,7 +54,7 @@ class Settings:
     drain_s: float = 1.0
     # TensorFlow intra-op threads per worker; 0: the usable cores shared out among the workers.
     tf_intra_op_threads: int = 0
-    # Bearer token required on /predict; empty means no authentication.
+    # Bearer token required on /predict and /v1/models; empty means no authentication.
     api_token: str = ""
     # File holding the bearer token (e.g. a mounted Kubernetes secret); wins over api_token.
     api_token_file: str = ""

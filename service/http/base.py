@@ -1,18 +1,41 @@
-"""What every protocol's routes share: JSON answers, numeric parameters, the bearer token."""
+"""What every protocol's routes share: JSON answers, the body, base64 images, numeric
+parameters, the bearer token."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 
 import orjson
 from flask import Request, Response
 
 from service.errors import InvalidRequest, Unauthorized
+from service.inference import Upload
 
 
 def json_response(body: object, status: int = 200) -> Response:
     """Return `body` as a JSON response (orjson: fast on long float lists)."""
     return Response(orjson.dumps(body), status=status, mimetype="application/json")
+
+
+def read_body(req: Request) -> bytes:
+    """Return the whole request body, refusing one over the size limit (413)."""
+    data = req.stream.read()
+    # A chunked body is cut at the size limit without error; reading on raises the 413.
+    req.stream.read(1)
+    return data
+
+
+def b64_upload(name: str, encoded: object) -> Upload:
+    """Return the image of a TF-style {"b64": "<base64>"} object."""
+    value = encoded.get("b64") if isinstance(encoded, dict) else None
+    if not isinstance(value, str):
+        raise InvalidRequest(f'{name}: each image must be an object {{"b64": "<base64>"}}')
+    try:
+        return Upload(name, base64.b64decode(value, validate=True))
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{name}: 'b64' is not valid base64") from None
 
 
 def number_parameter(raw: str | None, name: str, kind: type, default: float) -> float:
