@@ -310,12 +310,9 @@ class ArrivalWorker(ThreadWorker):
         assert conn.arriving is not None and conn.scan is not None
         taken = 0
         while taken < READ_PER_EVENT:
-            try:
-                data = conn.sock.recv(RECV_BYTES)
-            except (BlockingIOError, InterruptedError):
+            data = _recv(conn.sock)
+            if data is None:
                 break
-            except OSError:
-                data = b""
             if not data:
                 if conn.arriving:
                     # Half a request, then the client's end of the stream: the parser finds
@@ -436,12 +433,9 @@ class ArrivalWorker(ThreadWorker):
         self._set_deadline(conn, time.monotonic() + STOP_KEEPALIVE_LINGER)
 
     def _linger(self, conn: _Conn, sock: Any = None) -> None:
-        try:
-            data = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = _recv(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.linger_left = (conn.linger_left or 0) - len(data)
         if not data or conn.linger_left <= 0:
             self._end_linger(conn)
@@ -469,3 +463,13 @@ class ArrivalWorker(ThreadWorker):
         if conn.sent_continue:
             req._expected_100_continue = False  # the event loop sent it
         return super().handle_request(req, conn)
+
+
+def _recv(sock: socket.socket) -> bytes | None:
+    """Return what a non-blocking socket has: None if nothing yet, b"" at its end (or error)."""
+    try:
+        return sock.recv(RECV_BYTES)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
