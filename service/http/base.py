@@ -1,4 +1,4 @@
-"""What every protocol's routes share: JSON answers, numeric parameters, the bearer token."""
+"""What every protocol's routes share: JSON answers, the body, numeric parameters, the token."""
 
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ from service.errors import InvalidRequest, Unauthorized
 def json_response(body: object, status: int = 200) -> Response:
     """Return `body` as a JSON response (orjson: fast on long float lists)."""
     return Response(orjson.dumps(body), status=status, mimetype="application/json")
+
+
+def read_body(req: Request) -> bytes:
+    """Return the whole request body, raising RequestEntityTooLarge over the size limit."""
+    data = req.stream.read()
+    # A chunked body is cut at the size limit without error; reading on raises the 413.
+    req.stream.read(1)
+    return data
 
 
 def number_parameter(raw: str | None, name: str, kind: type, default: float) -> float:

@@ -10,7 +10,7 @@ import orjson
 from flask import Blueprint, Request, Response, current_app, g, request
 
 from service.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
-from service.http.base import authorize, json_response, number_parameter
+from service.http.base import authorize, json_response, number_parameter, read_body
 from service.inference import Models, ModelService, Upload
 from service.settings import Settings
 
@@ -70,9 +70,9 @@ def read_uploads(req: Request, max_images: int) -> list[Upload]:
         if not uploads:
             raise InvalidRequest("the multipart form has no file part (use -F image=@file.jpg)")
     elif mimetype.startswith("image/"):
-        uploads = [Upload("image 1 (request body)", _read_body(req))]
+        uploads = [Upload("image 1 (request body)", read_body(req))]
     elif mimetype == "application/json":
-        uploads = _json_instances(_read_body(req))
+        uploads = _json_instances(read_body(req))
     elif not mimetype and not req.content_length and not req.headers.get("Transfer-Encoding"):
         raise InvalidRequest(f"the request has no image; send one as {ACCEPTED_TYPES}")
     else:
@@ -82,13 +82,6 @@ def read_uploads(req: Request, max_images: int) -> list[Upload]:
     if len(uploads) > max_images:
         raise PayloadTooLarge(f"{len(uploads)} images in one request; the limit is {max_images}")
     return uploads
-
-
-def _read_body(req: Request) -> bytes:
-    data = req.stream.read()
-    # A chunked body is cut at the size limit without error; reading on raises the 413.
-    req.stream.read(1)
-    return data
 
 
 def _json_instances(body: bytes) -> list[Upload]:
