@@ -239,9 +239,11 @@ def test_binary_bytes_images_answer_in_json_when_asked(client, cnn, classifier):
     np.testing.assert_allclose(np.reshape(data, (2, 3)), expected, atol=1e-5)
 
 
-def test_unsupported_content_type_is_415(client):
+def test_unsupported_content_type_and_encoding_are_415(client):
     response = client.post(V2 + "/infer", data=b"{}", headers={"Content-Type": "text/plain"})
     assert_v2_error(response, 415)
+    gzipped = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    assert_v2_error(client.post(V2 + "/infer", data=b"\x1f\x8b", headers=gzipped), 415)
 
 
 @pytest.fixture

@@ -118,6 +118,8 @@ def infer(name: str, version: str | None) -> Response:
             f"Content-Type {request.mimetype!r} is not supported; use application/json "
             "or application/octet-stream (with Inference-Header-Content-Length)"
         )
+    if request.headers.get("Content-Encoding", "identity") != "identity":
+        raise UnsupportedMediaType("compressed bodies (Content-Encoding) are not supported")
     document, inputs = v2_codec.parse_request(
         read_body(request), request.headers.get(HEADER_LENGTH)
     )
