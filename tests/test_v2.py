@@ -248,10 +248,15 @@ def test_unsupported_content_type_and_encoding_are_415(client):
 
 @pytest.fixture
 def small_app(model_dir, classifier):
+    """Return an app that takes two images and 20 kB a request."""
     settings = Settings(
-        model_dir=model_dir, max_batch_size=16, max_queue=64, max_images_per_request=2
+        model_dir=model_dir,
+        max_batch_size=16,
+        max_queue=64,
+        max_images_per_request=2,
+        max_body_bytes=20_000,
     )
-    app = create_app(Settings(**{**settings.__dict__, "max_body_bytes": 20_000}), classifier)
+    app = create_app(settings, classifier)
     yield app
     app.extensions["model_service"].close(timeout=5)
 
