@@ -284,3 +284,12 @@ def test_predict_errors_keep_their_own_shape(client):
     response = client.post("/predict", data=b"x", headers={"Content-Type": "text/plain"})
     assert response.status_code == 415
     assert response.get_json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_unexpected_failure_is_500_in_the_v2_shape(app, client, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app.extensions["model_service"], "predict_tensor", fail)
+    message = assert_v2_error(client.post(V2 + "/infer", json=pixel_request()), 500)
+    assert "boom" not in message

@@ -209,3 +209,12 @@ def _http_error(error: HTTPException) -> Response:
         return _error(413, PayloadTooLarge.code, message)
     name = error.name or "error"
     return _error(error.code or 500, name.lower().replace(" ", "_"), error.description or name)
+
+
+@blueprint.errorhandler(Exception)
+def _unexpected_error(error: Exception) -> Response:
+    # Logged once, with the traceback; the client gets only the request id.
+    log.exception("unhandled error", extra={"request_id": g.get("request_id")})
+    metrics.ERRORS.labels("internal").inc()
+    message = f"internal error (request id {g.get('request_id', '-')})"
+    return json_response({"error": message}, 500)
