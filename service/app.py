@@ -21,7 +21,7 @@ from service.errors import (
     PayloadTooLarge,
     ServiceError,
 )
-from service.http import predict, tfserving
+from service.http import predict, tfserving, v2
 from service.http.base import json_response, number_parameter
 from service.inference import Classifier, Models, ModelService
 from service.settings import Settings
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         app.add_url_rule("/metrics", view_func=_metrics)
     app.register_blueprint(predict.blueprint)
     app.register_blueprint(tfserving.blueprint)
+    app.register_blueprint(v2.blueprint)
     return app
 
 

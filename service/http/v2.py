@@ -1,0 +1,220 @@
+"""The Open Inference Protocol (KServe V2) REST routes, with Triton's binary tensor data and
+classification extensions.
+
+The model takes one of two inputs: "image", BYTES [N] of encoded images (decoded and resized
+as for /predict), or "pixels", UINT8 or FP32 [N, H, W, C] at the model's input size (UINT8
+scaled as the model folder says, FP32 taken as the model's input values). It gives one
+output, "probabilities", FP32 [N, classes] of softmax probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from importlib.metadata import version as package_version
+
+import numpy as np
+from flask import Blueprint, Response, current_app, g, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from service import metrics
+from service.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
+from service.http import v2_codec
+from service.http.base import authorize, json_response, read_body
+from service.http.v2_codec import InputTensor, OutputTensor
+from service.inference import Models, ModelService, Upload
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+blueprint = Blueprint("v2", __name__, url_prefix="/v2")
+
+IMAGE, PIXELS, OUTPUT = "image", "pixels", "probabilities"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# tritonclient sends its binary bodies with no Content-Type at all.
+ACCEPTED_TYPES = ("", "application/json", "application/octet-stream")
+
+
+def _model_route(suffix: str, method: str) -> Callable:
+    """Route a view at /models/<name>{suffix}, with and without /versions/<version>."""
+
+    def register(view: Callable) -> Callable:
+        blueprint.add_url_rule(
+            f"/models/<name>{suffix}", view_func=view, defaults={"version": None}, methods=[method]
+        )
+        blueprint.add_url_rule(
+            f"/models/<name>/versions/<version>{suffix}", view_func=view, methods=[method]
+        )
+        return view
+
+    return register
+
+
+def _models() -> Models:
+    return current_app.extensions["models"]
+
+
+@blueprint.get("")
+def server_metadata() -> Response:
+    """Describe the server and the extensions it speaks."""
+    body = {"name": "cnn-serving", "version": package_version("cnn-serving")}
+    return json_response({**body, "extensions": EXTENSIONS})
+
+
+@blueprint.get("/health/live")
+def live() -> Response:
+    """Answer as /healthz: 200 while the process is worth keeping."""
+    alive = all(service.alive for service in _models())
+    return json_response({"live": alive}, 200 if alive else 503)
+
+
+@blueprint.get("/health/ready")
+def ready() -> Response:
+    """Answer as /readyz: 200 while every model takes predictions."""
+    is_ready = all(service.ready for service in _models())
+    return json_response({"ready": is_ready}, 200 if is_ready else 503)
+
+
+@_model_route("", "GET")
+def model_metadata(name: str, version: str | None) -> Response:
+    """Describe the model's inputs and output."""
+    service = _models().find(name, version)
+    assert service.classifier is not None
+    info = service.classifier.info
+    return json_response(
+        {
+            "name": info.name,
+            "versions": [info.version],
+            "platform": "keras",
+            "inputs": [
+                {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
+                {"name": PIXELS, "datatype": "UINT8", "shape": [-1, *info.input_shape]},
+            ],
+            "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(info.labels)]}],
+        }
+    )
+
+
+@_model_route("/ready", "GET")
+def model_ready(name: str, version: str | None) -> Response:
+    """Tell whether the model takes predictions now."""
+    service = _models().find(name, version)
+    return json_response({"name": name, "ready": service.ready}, 200 if service.ready else 503)
+
+
+@_model_route("/infer", "POST")
+def infer(name: str, version: str | None) -> Response:
+    """Run the request's one input through the model; answer the outputs it asks for."""
+    settings: Settings = current_app.config["SETTINGS"]
+    authorize(request, current_app.config["API_TOKEN"])
+    service = _models().find(name, version)
+    if request.mimetype not in ACCEPTED_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {request.mimetype!r} is not supported; use application/json "
+            "or application/octet-stream (with Inference-Header-Content-Length)"
+        )
+    if request.headers.get("Content-Encoding", "identity") != "identity":
+        raise UnsupportedMediaType("compressed bodies (Content-Encoding) are not supported")
+    document, inputs = v2_codec.parse_request(
+        read_body(request), request.headers.get(HEADER_LENGTH)
+    )
+    requested = v2_codec.requested_outputs(document, OUTPUT)
+    if len(inputs) != 1:
+        raise InvalidRequest(f"send one input, {IMAGE!r} or {PIXELS!r}; got {len(inputs)}")
+    count = len(inputs[0].value)
+    if count > settings.max_images_per_request:
+        raise PayloadTooLarge(
+            f"{count} images in one request; the limit is {settings.max_images_per_request}"
+        )
+    probabilities = np.stack(_predict(service, inputs[0]))
+    outputs = [_output(service, probabilities, output) for output in requested]
+    assert service.classifier is not None
+    info = service.classifier.info
+    answer: dict[str, object] = {"model_name": info.name, "model_version": info.version}
+    if "id" in document:
+        answer["id"] = document["id"]
+    body, header_length = v2_codec.encode_response(
+        answer, outputs, [output.binary for output in requested]
+    )
+    if header_length is None:
+        return Response(body, mimetype="application/json")
+    response = Response(body, mimetype="application/octet-stream")
+    response.headers[HEADER_LENGTH] = str(header_length)
+    return response
+
+
+def _predict(service: ModelService, tensor: InputTensor) -> list[np.ndarray]:
+    if not len(tensor.value):
+        raise InvalidRequest(f"input {tensor.name!r} holds no image")
+    if tensor.name == IMAGE:
+        if tensor.datatype != "BYTES" or len(tensor.shape) != 1:
+            raise InvalidRequest(f"input {IMAGE!r} must be BYTES [N] of encoded images")
+        assert isinstance(tensor.value, list)
+        uploads = [
+            Upload(f"image {i + 1} ({IMAGE}[{i}])", data) for i, data in enumerate(tensor.value)
+        ]
+        return service.predict(uploads, deadline=g.deadline)
+    if tensor.name == PIXELS:
+        if not isinstance(tensor.value, np.ndarray):
+            raise InvalidRequest(f"input {PIXELS!r} must be UINT8 or FP32 [N, H, W, C]")
+        return service.predict_tensor(tensor.value, deadline=g.deadline)
+    raise InvalidRequest(f"unknown input {tensor.name!r}; the model takes {IMAGE!r} or {PIXELS!r}")
+
+
+def _output(
+    service: ModelService, probabilities: np.ndarray, output: v2_codec.RequestedOutput
+) -> OutputTensor:
+    if output.name != OUTPUT:
+        raise InvalidRequest(f"unknown output {output.name!r}; the model gives {OUTPUT!r}")
+    if not output.classification:
+        return OutputTensor(OUTPUT, "FP32", list(probabilities.shape), probabilities)
+    assert service.classifier is not None
+    labels = service.classifier.info.labels
+    k = min(output.classification, len(labels))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    # As Triton writes them: "<value>:<index>:<label>", the value as C's %f.
+    classes = [
+        f"{row[i]:f}:{i}:{labels[i]}".encode()
+        for row, indices in zip(probabilities, order, strict=True)
+        for i in indices
+    ]
+    return OutputTensor(OUTPUT, "BYTES", [len(probabilities), k], classes)
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    metrics.ERRORS.labels(code).inc()
+    level = logging.ERROR if status >= 500 else logging.INFO
+    extra = {"request_id": g.get("request_id"), "status": status, "code": code}
+    log.log(level, message, extra={**extra, "path": request.path})
+    return json_response({"error": message}, status)
+
+
+@blueprint.errorhandler(ServiceError)
+def _service_error(error: ServiceError) -> Response:
+    response = _error(error.status, error.code, error.message)
+    response.headers.update(error.headers())
+    return response
+
+
+@blueprint.errorhandler(HTTPException)
+def _http_error(error: HTTPException) -> Response:
+    if isinstance(error, RequestEntityTooLarge):
+        limit = current_app.config["SETTINGS"].max_body_bytes
+        message = f"the request body is over the limit of {limit} bytes"
+        return _error(413, PayloadTooLarge.code, message)
+    name = error.name or "error"
+    return _error(error.code or 500, name.lower().replace(" ", "_"), error.description or name)
+
+
+@blueprint.errorhandler(Exception)
+def _unexpected_error(error: Exception) -> Response:
+    # Logged once, with the traceback; the client gets only the request id.
+    log.exception("unhandled error", extra={"request_id": g.get("request_id")})
+    metrics.ERRORS.labels("internal").inc()
+    message = f"internal error (request id {g.get('request_id', '-')})"
+    return json_response({"error": message}, 500)
