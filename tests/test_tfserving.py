@@ -249,3 +249,14 @@ def test_curl_default_content_type_is_read_as_json(client):
     response = client.post(MODEL + ":predict", data=body, content_type=FORM)
     assert response.status_code == 200, response.get_json()
     assert len(response.get_json()["predictions"]) == 1
+
+
+def test_unexpected_failure_is_500_in_the_tf_serving_shape(app, client, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app.extensions["model_service"], "predict_tensor", fail)
+    body = {"instances": model_tensor(1).tolist()}
+    message = assert_error(client.post(MODEL + ":predict", json=body), 500)
+    assert "boom" not in message
+    assert "request id" in message

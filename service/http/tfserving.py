@@ -198,6 +198,15 @@ def _http_error(error: HTTPException) -> Response:
     return response
 
 
+@blueprint.errorhandler(Exception)
+def _unexpected_error(error: Exception) -> Response:
+    # Logged once, with the traceback; the client gets only the request id.
+    log.exception("unhandled error", extra={"request_id": g.get("request_id")})
+    metrics.ERRORS.labels("internal").inc()
+    message = f"internal error (request id {g.get('request_id', '-')})"
+    return json_response({"error": message}, 500)
+
+
 def _error_response(status: int, code: str, message: str) -> Response:
     """Answer TF Serving's error shape, {"error": message}, counted and logged as the app's."""
     metrics.ERRORS.labels(code).inc()
