@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import re
 import socket
@@ -12,21 +11,16 @@ import uuid
 
 import orjson
 from flask import Flask, Response, current_app, g, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service import logs, metrics
 from service.body_deadline import BodyWithDeadline
 from service.errors import (
     InvalidRequest,
-    PayloadTooLarge,
-    ServiceError,
 )
 from service.http import predict, tfserving, v2
-from service.http.base import json_response, number_parameter
+from service.http.base import answer_errors, error_code, json_response, number_parameter
 from service.inference import Classifier, Models, ModelService
 from service.settings import Settings
-
-log = logging.getLogger(__name__)
 
 # Set by the gunicorn worker (service.worker): the monotonic time the request's first byte
 # arrived, where its one deadline starts.
@@ -58,9 +52,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
 
     app.before_request(_begin_request)
     app.after_request(_end_request)
-    app.register_error_handler(ServiceError, _service_error)
-    app.register_error_handler(HTTPException, _http_error)
-    app.register_error_handler(Exception, _unexpected_error)
+    answer_errors(app, error_document)
     app.add_url_rule("/healthz", view_func=_healthz)
     app.add_url_rule("/readyz", view_func=_readyz)
     if not settings.metrics_port:
@@ -135,21 +127,6 @@ def _end_request(response: Response) -> Response:
     return response
 
 
-def _error_response(status: int, code: str, message: str) -> Response:
-    metrics.ERRORS.labels(code).inc()
-    extra = {
-        "request_id": g.get("request_id"),
-        "status": status,
-        "code": code,
-        "path": request.path,
-    }
-    if status >= 500:
-        log.error(message, extra=extra)
-    else:
-        log.info(message, extra=extra)
-    return json_response(error_document(code, message), status)
-
-
 def error_document(code: str, message: str) -> dict[str, dict[str, str]]:
     """Return the JSON error shape of every error answer."""
     return {"error": {"code": code, "message": message}}
@@ -172,37 +149,3 @@ def error_bytes(status: int, reason: str, code: str, message: str) -> bytes:
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode("latin-1") + body
-
-
-def _service_error(error: ServiceError) -> Response:
-    response = _error_response(error.status, error.code, error.message)
-    response.headers.update(error.headers())
-    return response
-
-
-def _http_error(error: HTTPException) -> Response:
-    if isinstance(error, RequestEntityTooLarge):
-        settings: Settings = current_app.config["SETTINGS"]
-        message = (
-            f"the request body is over the limit of {settings.max_body_bytes} bytes "
-            "(or has too many form parts)"
-        )
-        return _error_response(413, PayloadTooLarge.code, message)
-    status = error.code or 500
-    code = error_code(error.name or "error")
-    response = _error_response(status, code, error.description or error.name)
-    if status == 405 and error.get_response().headers.get("Allow"):
-        response.headers["Allow"] = error.get_response().headers["Allow"]
-    return response
-
-
-def error_code(reason: str) -> str:
-    """Return a reason phrase as an error code: "Method Not Allowed" -> "method_not_allowed"."""
-    return reason.lower().replace(" ", "_")
-
-
-def _unexpected_error(error: Exception) -> Response:
-    log.exception("unhandled error", extra={"request_id": g.get("request_id")})
-    metrics.ERRORS.labels("internal").inc()
-    message = f"internal error (request id {g.get('request_id', '-')})"
-    return json_response(error_document("internal", message), 500)

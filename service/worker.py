@@ -415,7 +415,8 @@ class ArrivalWorker(ThreadWorker):
 
     def _refuse(self, conn: _Conn, status: int, reason: str, message: str) -> None:
         """Answer a JSON error from the event loop, and close the connection."""
-        from service.app import error_bytes, error_code
+        from service.app import error_bytes
+        from service.http.base import error_code
 
         code = error_code(reason)
         self.metrics.ERRORS.labels(code).inc()

@@ -8,20 +8,22 @@ Serving feeds a float input). A request sends one of them; the output is "probab
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import orjson
 from flask import Blueprint, Response, current_app, g, request
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from service import metrics
-from service.errors import InvalidRequest, PayloadTooLarge, ServiceError
-from service.http.base import authorize, b64_upload, json_response, read_body
+from service.errors import InvalidRequest, PayloadTooLarge
+from service.http.base import (
+    answer_errors,
+    authorize,
+    b64_upload,
+    json_response,
+    message_only,
+    read_body,
+)
 from service.inference import Models, ModelService, Status
 from service.settings import Settings
-
-log = logging.getLogger(__name__)
 
 blueprint = Blueprint("tfserving", __name__)
 
@@ -178,38 +180,4 @@ def _run(service: ModelService, images: list, where: str) -> list[list[float]]:
     return [output.tolist() for output in outputs]
 
 
-@blueprint.errorhandler(ServiceError)
-def _service_error(error: ServiceError) -> Response:
-    response = _error_response(error.status, error.code, error.message)
-    response.headers.update(error.headers())
-    return response
-
-
-@blueprint.errorhandler(HTTPException)
-def _http_error(error: HTTPException) -> Response:
-    status = error.code or 500
-    message = error.description or error.name
-    if isinstance(error, RequestEntityTooLarge):
-        settings: Settings = current_app.config["SETTINGS"]
-        message = f"the request body is over the limit of {settings.max_body_bytes} bytes"
-    response = _error_response(status, error.name.lower().replace(" ", "_"), message)
-    if isinstance(error, MethodNotAllowed) and error.valid_methods:
-        response.headers["Allow"] = ", ".join(error.valid_methods)
-    return response
-
-
-@blueprint.errorhandler(Exception)
-def _unexpected_error(error: Exception) -> Response:
-    # Logged once, with the traceback; the client gets only the request id.
-    log.exception("unhandled error", extra={"request_id": g.get("request_id")})
-    metrics.ERRORS.labels("internal").inc()
-    message = f"internal error (request id {g.get('request_id', '-')})"
-    return json_response({"error": message}, 500)
-
-
-def _error_response(status: int, code: str, message: str) -> Response:
-    """Answer TF Serving's error shape, {"error": message}, counted and logged as the app's."""
-    metrics.ERRORS.labels(code).inc()
-    extra = {"request_id": g.get("request_id"), "status": status, "code": code}
-    log.log(logging.ERROR if status >= 500 else logging.INFO, message, extra=extra)
-    return json_response({"error": message}, status)
+answer_errors(blueprint, message_only)

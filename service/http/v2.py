@@ -9,28 +9,23 @@ output, "probabilities", FP32 [N, classes] of softmax probabilities.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from importlib.metadata import version as package_version
 
 import numpy as np
 from flask import Blueprint, Response, current_app, g, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from service import metrics
 from service.errors import (
     InvalidRequest,
     PayloadTooLarge,
-    ServiceError,
     UnsupportedMediaType,
 )
 from service.http import v2_codec
-from service.http.base import authorize, json_response, read_body
+from service.http.base import answer_errors, authorize, json_response, message_only, read_body
 from service.http.v2_codec import InputTensor, OutputTensor
 from service.inference import Models, ModelService, Upload
 from service.settings import Settings
 
-log = logging.getLogger(__name__)
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
 
 IMAGE, PIXELS, OUTPUT = "image", "pixels", "probabilities"
@@ -186,35 +181,4 @@ def _output(
     return OutputTensor(OUTPUT, "BYTES", [len(probabilities), k], classes)
 
 
-def _error(status: int, code: str, message: str) -> Response:
-    metrics.ERRORS.labels(code).inc()
-    level = logging.ERROR if status >= 500 else logging.INFO
-    extra = {"request_id": g.get("request_id"), "status": status, "code": code}
-    log.log(level, message, extra={**extra, "path": request.path})
-    return json_response({"error": message}, status)
-
-
-@blueprint.errorhandler(ServiceError)
-def _service_error(error: ServiceError) -> Response:
-    response = _error(error.status, error.code, error.message)
-    response.headers.update(error.headers())
-    return response
-
-
-@blueprint.errorhandler(HTTPException)
-def _http_error(error: HTTPException) -> Response:
-    if isinstance(error, RequestEntityTooLarge):
-        limit = current_app.config["SETTINGS"].max_body_bytes
-        message = f"the request body is over the limit of {limit} bytes"
-        return _error(413, PayloadTooLarge.code, message)
-    name = error.name or "error"
-    return _error(error.code or 500, name.lower().replace(" ", "_"), error.description or name)
-
-
-@blueprint.errorhandler(Exception)
-def _unexpected_error(error: Exception) -> Response:
-    # Logged once, with the traceback; the client gets only the request id.
-    log.exception("unhandled error", extra={"request_id": g.get("request_id")})
-    metrics.ERRORS.labels("internal").inc()
-    message = f"internal error (request id {g.get('request_id', '-')})"
-    return json_response({"error": message}, 500)
+answer_errors(blueprint, message_only)
