@@ -159,13 +159,13 @@ def peak_memory_mb(pid: int) -> float:
 
 
 def scrape_batches(url: str) -> tuple[float, float]:
-    """Return (sum, count) of cnn_batch_size from the service's /metrics."""
+    """Return (sum, count) of cnn_batch_size, over its model labels, from /metrics."""
     with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
         text = response.read().decode()
     values = {}
     for name in ("cnn_batch_size_sum", "cnn_batch_size_count"):
-        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-        values[name] = float(match.group(1)) if match else 0.0
+        found = re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)
+        values[name] = sum(float(value) for value in found)
     return values["cnn_batch_size_sum"], values["cnn_batch_size_count"]
 
 

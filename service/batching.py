@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service import metrics
 from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
+from service.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,13 @@ class Batcher:
         max_delay_s: float,
         max_queue: int,
         running_grace_s: float,
+        model_metrics: ModelMetrics,
         warm_up: Callable[[], None] | None = None,
     ) -> None:
-        """Batch for `predict_batch`; a request whose deadline passes while its batch runs
-        waits up to `running_grace_s` more for that batch's answer."""
+        """Batch for `predict_batch`, recording into `model_metrics`; a request whose deadline
+        passes while its batch runs waits up to `running_grace_s` more for its answer."""
         self._predict_batch = predict_batch
+        self.metrics = model_metrics
         self._warm_up = warm_up
         self._warmed = threading.Event()
         self._warm_up_error: BaseException | None = None
@@ -155,7 +157,7 @@ class Batcher:
                 )
             items = [_Item(array, deadline, now) for array in inputs]
             self._queue.extend(items)
-            metrics.QUEUE_DEPTH.inc(len(items))
+            self.metrics.queue_depth.inc(len(items))
             self._cond.notify_all()
         return [item.future for item in items]
 
@@ -212,7 +214,7 @@ class Batcher:
                 self._cond.wait(remaining)
             count = min(self.max_batch_size, len(self._queue))
             batch = [self._queue.popleft() for _ in range(count)]
-            metrics.QUEUE_DEPTH.dec(count)
+            self.metrics.queue_depth.dec(count)
         return batch
 
     def _execute(self, batch: list[_Item]) -> None:
@@ -224,7 +226,7 @@ class Batcher:
             if item.deadline < started:
                 item.future.set_exception(DeadlineExceeded("the request timed out in the queue"))
                 continue
-            metrics.QUEUE_WAIT.observe(started - item.enqueued_at)
+            self.metrics.queue_wait.observe(started - item.enqueued_at)
             live.append(item)
         if not live:
             return
@@ -241,10 +243,10 @@ class Batcher:
         with self._cond:
             weight = _EWMA_WEIGHT if self._batch_seconds else 1.0
             self._batch_seconds += weight * (elapsed - self._batch_seconds)
-            metrics.ESTIMATED_WAIT.set(self._estimate_locked(len(self._queue)))
-        metrics.INFERENCE_LATENCY.observe(elapsed)
-        metrics.BATCH_SIZE.observe(len(live))
-        metrics.IMAGES_PREDICTED.inc(len(live))
+            self.metrics.estimated_wait.set(self._estimate_locked(len(self._queue)))
+        self.metrics.inference.observe(elapsed)
+        self.metrics.batch_size.observe(len(live))
+        self.metrics.images.inc(len(live))
         for item, output in zip(live, outputs, strict=True):
             item.future.set_result(output)
 
@@ -253,7 +255,7 @@ class Batcher:
             self._closing = True
             items = list(self._queue)
             self._queue.clear()
-            metrics.QUEUE_DEPTH.dec(len(items))
+            self.metrics.queue_depth.dec(len(items))
         for item in items:
             if item.future.set_running_or_notify_cancel():
                 item.future.set_exception(error)

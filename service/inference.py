@@ -91,12 +91,14 @@ class ModelService:
         started = time.monotonic()
         try:
             classifier = self.classifier or self._load()
+            info = classifier.info
             batcher = Batcher(
                 classifier.predict_batch,
                 max_batch_size=classifier.max_batch_size,
                 max_delay_s=self.settings.max_batch_delay_ms / 1000.0,
                 max_queue=self.settings.max_queue,
                 running_grace_s=self.settings.running_batch_grace_s,
+                model_metrics=metrics.for_model(info.name, info.version),
                 warm_up=classifier.warm_up,
             )
             batcher.start()
@@ -112,7 +114,6 @@ class ModelService:
         # them out of every later collection.
         gc.collect()
         gc.freeze()
-        info = classifier.info
         metrics.MODEL_INFO.labels(
             info.name, info.version, "x".join(map(str, info.input_shape)), info.device
         ).set(1)
@@ -224,6 +225,7 @@ class ModelService:
         """Preprocess each upload and return its class probabilities, in order."""
         batcher, classifier = self._serving()
         spec = classifier.info.spec
+        preprocess_latency = batcher.metrics.preprocess
         with batcher.arrival() as arrival:
             inputs = []
             for upload in uploads:
@@ -233,7 +235,7 @@ class ModelService:
                 except ServiceError as exc:
                     exc.message = f"{upload.name}: {exc.message}"
                     raise
-                metrics.PREPROCESS_LATENCY.observe(time.perf_counter() - started)
+                preprocess_latency.observe(time.perf_counter() - started)
             return arrival.predict(inputs, deadline)
 
 

@@ -8,6 +8,7 @@ worker merges them all through a fresh MultiProcessCollector registry.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,6 +44,9 @@ METRIC_WRITE_FAILURES = Counter(
     "for them (each counted once; written there once there is room).",
 )
 
+# The labels of every per-model metric: which model, and which of its versions.
+MODEL_LABELS = ["model", "version"]
+
 REQUEST_LATENCY = Histogram(
     "cnn_http_request_duration_seconds",
     "Time from request arrival to response, by endpoint and HTTP status.",
@@ -52,24 +56,30 @@ REQUEST_LATENCY = Histogram(
 QUEUE_WAIT = Histogram(
     "cnn_batch_queue_wait_seconds",
     "Time an image waited in the batch queue before its forward pass began.",
+    MODEL_LABELS,
     buckets=LATENCY_BUCKETS,
 )
 INFERENCE_LATENCY = Histogram(
     "cnn_inference_duration_seconds",
     "Time of one forward pass over a (padded) batch.",
+    MODEL_LABELS,
     buckets=LATENCY_BUCKETS,
 )
 PREPROCESS_LATENCY = Histogram(
     "cnn_preprocess_duration_seconds",
     "Time to decode, convert and resize one image.",
+    MODEL_LABELS,
     buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram(
     "cnn_batch_size",
     "Images in one forward pass, before padding.",
+    MODEL_LABELS,
     buckets=BATCH_SIZE_BUCKETS,
 )
-IMAGES_PREDICTED = Counter("cnn_images_predicted_total", "Images run through the model.")
+IMAGES_PREDICTED = Counter(
+    "cnn_images_predicted_total", "Images run through the model.", MODEL_LABELS
+)
 ERRORS = Counter("cnn_errors_total", "Error responses, by error code.", ["code"])
 REQUEST_ARRIVAL = Histogram(
     "cnn_http_request_arrival_seconds",
@@ -84,11 +94,13 @@ REQUESTS_ARRIVING = Gauge(
 QUEUE_DEPTH = Gauge(
     "cnn_batch_queue_depth",
     "Images waiting in the batch queues of all live workers.",
+    MODEL_LABELS,
     multiprocess_mode="livesum",
 )
 ESTIMATED_WAIT = Gauge(
     "cnn_batch_queue_estimated_wait_seconds",
     "Estimated wait of an image enqueued now (largest over live workers).",
+    MODEL_LABELS,
     multiprocess_mode="livemax",
 )
 READY = Gauge(
@@ -102,6 +114,32 @@ MODEL_INFO = Gauge(
     ["name", "version", "input_shape", "device"],
     multiprocess_mode="livemax",
 )
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """One model version's metrics, bound to its labels once, not on every observation."""
+
+    queue_wait: Histogram
+    inference: Histogram
+    preprocess: Histogram
+    batch_size: Histogram
+    images: Counter
+    queue_depth: Gauge
+    estimated_wait: Gauge
+
+
+def for_model(name: str, version: str) -> ModelMetrics:
+    """Return the metrics of model `name` at `version`."""
+    return ModelMetrics(
+        QUEUE_WAIT.labels(name, version),
+        INFERENCE_LATENCY.labels(name, version),
+        PREPROCESS_LATENCY.labels(name, version),
+        BATCH_SIZE.labels(name, version),
+        IMAGES_PREDICTED.labels(name, version),
+        QUEUE_DEPTH.labels(name, version),
+        ESTIMATED_WAIT.labels(name, version),
+    )
 
 
 def serve_separately(host: str, port: int) -> None:

@@ -66,6 +66,10 @@ def cnn():
     return make_cnn()
 
 
+# The per-model metric labels of the model model_dir serves (its version 2, named "shapes").
+MODEL_LABELS = {"model": "shapes", "version": "2"}
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, cnn) -> Path:
     """Return a folder of versions holding the reference CNN as version 2."""

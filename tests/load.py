@@ -45,10 +45,12 @@ def scrape(url: str) -> str:
     return response.text
 
 
-def wait_for_metric(url: str, name: str, at_least: float, within_s: float = 60) -> float:
-    """Poll /metrics until the sample `name` (no labels) reaches `at_least`; return it."""
+def wait_for_metric(
+    url: str, name: str, at_least: float, within_s: float = 60, **labels: str
+) -> float:
+    """Poll /metrics until the sample `name` (with exactly `labels`) reaches `at_least`."""
     deadline = time.monotonic() + within_s
-    while (value := metric(scrape(url), name)) < at_least:
+    while (value := metric(scrape(url), name, **labels)) < at_least:
         assert time.monotonic() < deadline, f"{name} stayed at {value}, below {at_least}"
         time.sleep(0.02)
     return value

@@ -11,6 +11,7 @@ import pytest
 
 from service.batching import Batcher
 from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
+from service.metrics import for_model
 
 
 class RecordingModel:
@@ -43,7 +44,13 @@ class RecordingModel:
 
 
 def make_batcher(model, **overrides) -> Batcher:
-    options = {"max_batch_size": 8, "max_delay_s": 0.05, "max_queue": 32, "running_grace_s": 10}
+    options = {
+        "max_batch_size": 8,
+        "max_delay_s": 0.05,
+        "max_queue": 32,
+        "running_grace_s": 10,
+        "model_metrics": for_model("test", "1"),
+    }
     options |= overrides
     batcher = Batcher(model, **options)
     batcher.start()
@@ -301,6 +308,7 @@ def test_warm_up_runs_on_the_inference_thread_before_start_returns():
         max_delay_s=0.0,
         max_queue=8,
         running_grace_s=1,
+        model_metrics=for_model("test", "1"),
         warm_up=lambda: seen.append(threading.current_thread().name),
     )
     batcher.start()
@@ -318,6 +326,7 @@ def test_failed_warm_up_is_raised_by_start_and_leaves_the_batcher_dead():
         max_delay_s=0.0,
         max_queue=8,
         running_grace_s=1,
+        model_metrics=for_model("test", "1"),
         warm_up=broken,
     )
     with pytest.raises(RuntimeError, match="no graph"):

@@ -23,7 +23,14 @@ import requests
 from prometheus_client import Counter, Gauge, Histogram, multiprocess, values
 
 from service import metric_values
-from tests.conftest import Server, distinct_images, free_port, require_tool, unavailable
+from tests.conftest import (
+    MODEL_LABELS,
+    Server,
+    distinct_images,
+    free_port,
+    require_tool,
+    unavailable,
+)
 from tests.load import metric, post_png, samples, scrape, worker_pids
 
 FAILURES = "cnn_metrics_write_failures_total"
@@ -299,7 +306,7 @@ def test_a_full_metrics_folder_costs_metrics_not_requests(
     wait_until(recovered, "the kept values reached the files")
     text = scrape(metrics_url)
     # The first worker's count was in its file; the replacement's was kept, then written.
-    assert metric(text, "cnn_images_predicted_total") == predicted
+    assert metric(text, "cnn_images_predicted_total", **MODEL_LABELS) == predicted
     assert metric(text, "cnn_errors_total", code="unsupported_media_type") == unsupported
     assert worker_pids(server.process.pid) == [replacement]
     assert boots(server) == 2

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import distinct_images, free_port, require_tool
+from tests.conftest import MODEL_LABELS, distinct_images, free_port, require_tool
 from tests.load import post_png
 
 pytestmark = pytest.mark.slow
@@ -106,6 +106,10 @@ def test_prometheus_scrapes_the_service_and_computes_p99(server_factory, model_d
             assert time.monotonic() < deadline, "Prometheus never answered 'up'"
             time.sleep(0.5)
         assert up[0]["value"][1] == "1"
+        # The per-model series, queried by their labels as the README shows.
+        by_model = query(api, "sum by (model, version) (cnn_images_predicted_total)")
+        assert by_model and by_model[0]["metric"] == MODEL_LABELS, by_model
+        assert float(by_model[0]["value"][1]) > 0
     finally:
         process.send_signal(signal.SIGTERM)
         try:

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import LABELS, distinct_images, expected_probabilities, free_port, image_bytes
+from tests.conftest import (
+    LABELS,
+    MODEL_LABELS,
+    distinct_images,
+    expected_probabilities,
+    free_port,
+    image_bytes,
+)
 from tests.load import metric, post_png
 
 pytestmark = pytest.mark.slow
@@ -78,9 +85,9 @@ def test_burst_of_64_distinct_images_each_gets_its_own_answer_in_batches(
         got = response.json()["predictions"][0]["probabilities"]
         np.testing.assert_allclose(got, want, atol=1e-5)
     text = requests.get(server.url + "/metrics", timeout=5).text
-    batches = metric(text, "cnn_batch_size_count")
-    singles = metric(text, "cnn_batch_size_bucket", le="1.0")
-    assert metric(text, "cnn_images_predicted_total") == 64
+    batches = metric(text, "cnn_batch_size_count", **MODEL_LABELS)
+    singles = metric(text, "cnn_batch_size_bucket", le="1.0", **MODEL_LABELS)
+    assert metric(text, "cnn_images_predicted_total", **MODEL_LABELS) == 64
     assert batches < 64, "64 concurrent images ran in 64 forward passes: no batching"
     assert singles < batches, "no forward pass held more than one image"
 
@@ -118,7 +125,7 @@ def test_metrics_add_up_across_two_workers(server_factory, model_dir):
         assert post_png(server.url, data, Connection="close").status_code == 200
     scrapes = [requests.get(server.url + "/metrics", timeout=5).text for _ in range(4)]
     for text in scrapes:
-        assert metric(text, "cnn_images_predicted_total") == 20
+        assert metric(text, "cnn_images_predicted_total", **MODEL_LABELS) == 20
     assert "cnn_model_info{" in scrapes[0]
 
 
