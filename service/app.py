@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
 
     app.before_request(_begin_request)
     app.after_request(_end_request)
-    answer_errors(app, error_document)
+    answer_errors(app, _error_body)
     app.add_url_rule("/healthz", view_func=_healthz)
     app.add_url_rule("/readyz", view_func=_readyz)
     if not settings.metrics_port:
@@ -125,6 +125,19 @@ def _end_request(response: Response) -> Response:
             time.perf_counter() - started
         )
     return response
+
+
+def _error_body(code: str, message: str) -> object:
+    """Return an error in the shape of the protocol whose path the request is under.
+
+    By the path, not by the route: an unknown path or a wrong method is refused by the
+    routing, before any protocol's code has run.
+    """
+    for protocol in (v2, tfserving):
+        prefix = protocol.PATH_PREFIX
+        if request.path == prefix or request.path.startswith(prefix + "/"):
+            return protocol.error_body(code, message)
+    return error_document(code, message)
 
 
 def error_document(code: str, message: str) -> dict[str, dict[str, str]]:

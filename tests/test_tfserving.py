@@ -260,3 +260,9 @@ def test_unexpected_failure_is_500_in_the_tf_serving_shape(app, client, monkeypa
     message = assert_error(client.post(MODEL + ":predict", json=body), 500)
     assert "boom" not in message
     assert "request id" in message
+
+
+def test_routing_errors_under_v1_are_in_the_tf_serving_shape(client):
+    assert_error(client.get("/v1/nothing"), 404)
+    # /predict keeps its own shape: the path says which protocol answers.
+    assert client.get("/predict").get_json()["error"]["code"] == "method_not_allowed"

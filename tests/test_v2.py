@@ -293,3 +293,11 @@ def test_unexpected_failure_is_500_in_the_v2_shape(app, client, monkeypatch):
     monkeypatch.setattr(app.extensions["model_service"], "predict_tensor", fail)
     message = assert_v2_error(client.post(V2 + "/infer", json=pixel_request()), 500)
     assert "boom" not in message
+
+
+def test_routing_errors_under_v2_are_in_the_v2_shape(client):
+    # Raised by Flask's routing, before any V2 handler is chosen.
+    assert_v2_error(client.get("/v2/models/shapes/nothing"), 404)
+    response = client.get(V2 + "/infer")
+    assert_v2_error(response, 405)
+    assert response.headers["Allow"] == "OPTIONS, POST"

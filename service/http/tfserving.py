@@ -15,7 +15,6 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from service.errors import InvalidRequest, PayloadTooLarge
 from service.http.base import (
-    answer_errors,
     authorize,
     b64_upload,
     json_response,
@@ -25,7 +24,10 @@ from service.http.base import (
 from service.inference import Models, ModelService, Status
 from service.settings import Settings
 
+PATH_PREFIX = "/v1"
 blueprint = Blueprint("tfserving", __name__)
+# Every error under PATH_PREFIX is answered in this shape (service/app.py).
+error_body = message_only
 
 SIGNATURE = "serving_default"
 BYTES_INPUT, TENSOR_INPUT, OUTPUT = "image_bytes", "image", "probabilities"
@@ -178,6 +180,3 @@ def _run(service: ModelService, images: list, where: str) -> list[list[float]]:
             ) from None
         outputs = service.predict_tensor(batch, deadline=g.deadline)
     return [output.tolist() for output in outputs]
-
-
-answer_errors(blueprint, message_only)

@@ -21,12 +21,15 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.http import v2_codec
-from service.http.base import answer_errors, authorize, json_response, message_only, read_body
+from service.http.base import authorize, json_response, message_only, read_body
 from service.http.v2_codec import InputTensor, OutputTensor
 from service.inference import Models, ModelService, Upload
 from service.settings import Settings
 
-blueprint = Blueprint("v2", __name__, url_prefix="/v2")
+PATH_PREFIX = "/v2"
+blueprint = Blueprint("v2", __name__, url_prefix=PATH_PREFIX)
+# Every error under PATH_PREFIX is answered in this shape (service/app.py).
+error_body = message_only
 
 IMAGE, PIXELS, OUTPUT = "image", "pixels", "probabilities"
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -179,6 +182,3 @@ def _output(
         for i in indices
     ]
     return OutputTensor(OUTPUT, "BYTES", [len(probabilities), k], classes)
-
-
-answer_errors(blueprint, message_only)
