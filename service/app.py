@@ -118,7 +118,10 @@ def _new_request_id() -> str:
 
 def _end_request(response: Response) -> Response:
     response.headers["X-Request-ID"] = g.get("request_id", "")
-    rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    # The route, or the one a view says its path stands for (TF Serving routes by hand).
+    rule = g.get("metrics_endpoint") or (
+        request.url_rule.rule if request.url_rule is not None else "unmatched"
+    )
     started = g.get("started")
     if started is not None:
         metrics.REQUEST_LATENCY.labels(rule, str(response.status_code)).observe(

@@ -266,3 +266,27 @@ def test_routing_errors_under_v1_are_in_the_tf_serving_shape(client):
     assert_error(client.get("/v1/nothing"), 404)
     # /predict keeps its own shape: the path says which protocol answers.
     assert client.get("/predict").get_json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "endpoint"),
+    [
+        (MODEL, "get", "/v1/models/<name>"),
+        (MODEL + "/versions/2/metadata", "get", "/v1/models/<name>/versions/<version>/metadata"),
+        (MODEL + ":predict", "post", "/v1/models/<name>:predict"),
+        (MODEL + "/versions/2:classify", "post", "/v1/models/<name>/versions/<version>:classify"),
+    ],
+)
+def test_request_metrics_name_the_tf_serving_route(client, monkeypatch, path, method, endpoint):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)  # the in-process registry
+    from prometheus_client import REGISTRY
+
+    labels = {"endpoint": endpoint, "status": "200"}
+    name = "cnn_http_request_duration_seconds_count"
+    before = REGISTRY.get_sample_value(name, labels) or 0.0
+    body = {"instances": [b64(distinct_images(1)[0])]}
+    if path.endswith(":classify"):
+        body = {"examples": [{"image": b64(distinct_images(1)[0])}]}
+    response = getattr(client, method)(path, **({"json": body} if method == "post" else {}))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert REGISTRY.get_sample_value(name, labels) == before + 1

@@ -47,6 +47,10 @@ def dispatch(rest: str) -> Response:
         raise NotFound(f"no TF Serving route /v1/models/{rest} (version labels are not served)")
     if verb and (parts[1:] or verb not in VERBS):
         raise NotFound(f"no TF Serving method {verb!r}; served: :predict, :classify")
+    # The request metrics' endpoint: the route this path stands for, as for the other
+    # protocols (a handful of values, never the path itself).
+    g.metrics_endpoint = "/v1/models/<name>" + ("/versions/<version>" if version else "")
+    g.metrics_endpoint += f":{verb}" if verb else "/metadata" if parts[1:] else ""
     allowed = ["POST"] if verb else ["GET", "HEAD"]
     if request.method not in allowed:
         raise MethodNotAllowed(valid_methods=allowed)
