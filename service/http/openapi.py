@@ -218,9 +218,9 @@ def _v2_pixels(input_shape: tuple[int, ...]) -> dict:
     return {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": shape, "data": data}]}
 
 
-# A name werkzeug's <path:rest> cannot match (one with a newline) is no route at all: its
-# 404 comes from the app, in /predict's shape.
-_TF_NOT_FOUND = _json({"anyOf": [_MESSAGE_ERROR, _PREDICT_ERROR]})
+# A name werkzeug's <path:rest> cannot match (one with a newline) is no route at all, but
+# its 404 is still in TF Serving's shape: the path decides the shape (service/app.py).
+_TF_NOT_FOUND = _json(_MESSAGE_ERROR)
 
 
 def _tf_get(summary: str, schema: str, parameters: list) -> dict:
