@@ -87,6 +87,25 @@ def proc_status(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
+def wait_until_dead(pid: int, within_s: float) -> float:
+    """Wait until process `pid` has exited (a zombie, or reaped); return when, by monotonic.
+
+    kill() returns before the process is gone: a thread of it that was preempted inside a
+    system call (accept, say) finishes that call first. Only a zombie has closed its sockets.
+    """
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            # The state follows the parenthesised command name, which may hold spaces.
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            return time.monotonic()  # reaped
+        if state in ("Z", "X"):
+            return time.monotonic()
+        assert time.monotonic() < deadline, f"process {pid} still {state} after {within_s}s"
+        time.sleep(0.001)
+
+
 def only_worker(master_pid: int) -> int:
     """Return the PID of the one worker of a WORKERS=1 server."""
     [pid] = worker_pids(master_pid)
