@@ -8,6 +8,11 @@
 # expects it, and its CUDA libraries would duplicate the wheels'.
 #   docker build --build-arg TF_EXTRA=gpu -t cnn-serving:gpu .
 #   docker run --rm --gpus 1 -p 8080:8080 cnn-serving:gpu
+# Training image (cnn-train too, for k8s/publish): the train extra beside TensorFlow's:
+#   docker build --build-arg TF_EXTRA=cpu,train -t cnn-serving:cpu-train .
+# A model repository (several models, new versions loaded without a restart) mounted instead:
+#   docker run --rm -p 8080:8080 -v "$PWD/models:/models:ro" \
+#     -e MODEL_REPOSITORY=/models -e MODEL_DIR= cnn-serving:cpu
 #
 # The model, two ways (MODEL_DIR=/models in the image; a model folder or numbered versions):
 #   1. baked in from a folder of the build context (train first: `make run` makes models/shapes):
@@ -27,7 +32,8 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # --- builder: a virtual environment with the service and its dependencies --------------
 FROM ${BASE_IMAGE} AS builder
-# The pyproject extra that brings TensorFlow: cpu or gpu.
+# The pyproject extras to install, comma-separated: cpu or gpu (TensorFlow), and train for an
+# image that also runs cnn-train (its plots need matplotlib), e.g. cpu,train.
 ARG TF_EXTRA=cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -36,11 +42,12 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 # Dependencies first, from pyproject.toml alone, so a code change does not reinstall TensorFlow.
 COPY pyproject.toml ./
-RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *p['optional-dependencies'][sys.argv[1]], sep='\n')" "${TF_EXTRA}" > requirements.txt \
+RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *[d for e in sys.argv[1].split(',') for d in p['optional-dependencies'][e]], sep='\n')" "${TF_EXTRA}" > requirements.txt \
     && pip install --requirement requirements.txt
 COPY README.md ./
 COPY service ./service
 COPY training ./training
+COPY model_folder ./model_folder
 RUN pip install --no-deps .
 
 # --- model: MODEL_SRC's files, or nothing ----------------------------------------------

@@ -18,8 +18,16 @@ from service.errors import (
     InvalidRequest,
 )
 from service.http import docs, predict, tfserving, v2
-from service.http.base import answer_errors, error_code, json_response, number_parameter
-from service.inference import Classifier, Models, ModelService
+from service.http.base import (
+    answer_errors,
+    error_code,
+    json_response,
+    number_parameter,
+    release_leases,
+)
+from service.inference import Classifier
+from service.registry import Models
+from service.reloader import ModelManager
 from service.settings import Settings
 
 # Set by the gunicorn worker (service.worker): the monotonic time the request's first byte
@@ -31,10 +39,11 @@ _ID_COUNTER = itertools.count()
 
 
 def create_app(settings: Settings | None = None, classifier: Classifier | None = None) -> Flask:
-    """Build the app; load the model from settings.model_dir unless a classifier is given.
+    """Build the app; load the models of settings.model_path unless a classifier is given.
 
-    A given classifier is warmed up before this returns; a loaded one is loaded and warmed
-    in the background while /healthz answers and /readyz says 503 "starting".
+    A given classifier is warmed up before this returns (and served alone, never reloaded);
+    models from a folder load and warm in the background while /healthz answers and /readyz
+    says 503 "starting", then are kept in step with the folder (service.reloader).
     """
     settings = settings or Settings.from_env()
     logs.configure(settings.log_level)
@@ -45,13 +54,15 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     app.config["SETTINGS"] = settings
     app.config["API_TOKEN"] = settings.bearer_token
 
-    model_service = ModelService(settings, classifier)
-    app.extensions["model_service"] = model_service
-    app.extensions["models"] = Models([model_service])
-    model_service.start(background=classifier is None)
+    models = Models(settings.threads)
+    manager = ModelManager(settings, models, classifier)
+    app.extensions["models"] = models
+    app.extensions["model_manager"] = manager
+    manager.start(background=classifier is None)
 
     app.before_request(_begin_request)
     app.after_request(_end_request)
+    app.teardown_request(release_leases)
     answer_errors(app, _error_body)
     app.add_url_rule("/healthz", view_func=_healthz)
     app.add_url_rule("/readyz", view_func=_readyz)
@@ -64,20 +75,20 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     return app
 
 
-def model_service() -> ModelService:
-    """Return the current app's model service."""
-    return current_app.extensions["model_service"]
+def model_manager() -> ModelManager:
+    """Return the current app's model manager."""
+    return current_app.extensions["model_manager"]
 
 
 def _healthz() -> Response:
-    if model_service().alive:
+    if model_manager().alive:
         return json_response({"status": "alive"})
-    return json_response(model_service().readiness(), 503)
+    return json_response(model_manager().readiness(), 503)
 
 
 def _readyz() -> Response:
-    service = model_service()
-    return json_response(service.readiness(), 200 if service.ready else 503)
+    manager = model_manager()
+    return json_response(manager.readiness(), 200 if manager.ready else 503)
 
 
 def _metrics() -> Response:
@@ -125,9 +136,10 @@ def _end_request(response: Response) -> Response:
     )
     started = g.get("started")
     if started is not None:
-        metrics.REQUEST_LATENCY.labels(rule, str(response.status_code)).observe(
-            time.perf_counter() - started
-        )
+        elapsed = time.perf_counter() - started
+        metrics.REQUEST_LATENCY.labels(rule, str(response.status_code)).observe(elapsed)
+        for served in g.get("leases", ()):
+            served.metrics.request.observe(elapsed)
     return response
 
 

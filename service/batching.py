@@ -247,6 +247,7 @@ class Batcher:
         self.metrics.inference.observe(elapsed)
         self.metrics.batch_size.observe(len(live))
         self.metrics.images.inc(len(live))
+        self.metrics.record_outputs(outputs[: len(live)])
         for item, output in zip(live, outputs, strict=True):
             item.future.set_result(output)
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
-from service import model_dir
-from service.errors import ModelLoadError
-from service.model_dir import ModelFiles
+from model_folder import files as model_files
+from model_folder import repository
+from model_folder.errors import ModelFolderError
+from model_folder.files import ModelFiles
+from model_folder.requirements import missing_tensorflow
 from service.settings import Settings, SettingsError
 
 GUNICORN_ARGS = ["--config", "python:service.gunicorn_conf", "service.app:create_app()"]
@@ -23,7 +24,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Serve a Keras CNN classifier over HTTP (flags override environment "
         "variables; see the README for the rest, e.g. MAX_BATCH_SIZE).",
     )
-    parser.add_argument("--model-dir", help="model folder or folder of versions [MODEL_DIR]")
+    models = parser.add_mutually_exclusive_group()
+    models.add_argument("--model-dir", help="model folder or folder of versions [MODEL_DIR]")
+    models.add_argument(
+        "--model-repository", help="folder of models, one sub-folder each [MODEL_REPOSITORY]"
+    )
     parser.add_argument("--host", help="address to bind [HOST, default 0.0.0.0]")
     parser.add_argument("--port", type=int, help="port to bind [PORT, default 8080]")
     parser.add_argument("--workers", type=int, help="worker processes [WORKERS, default: cores]")
@@ -40,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env(
             model_dir=args.model_dir,
+            model_repository=args.model_repository,
             host=args.host,
             port=args.port,
             workers=args.workers,
@@ -55,12 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     # The workers' environment, taken before the check below switches Keras's backend.
     environment = {**os.environ, **settings.as_env()}
     try:
-        files = check_model(settings.model_dir)
-    except ModelLoadError as exc:
+        checked = check_models(settings)
+    except ModelFolderError as exc:
         print(f"cnn-serve: error: {exc}", file=sys.stderr)
         return 1
     if args.check:
-        print(f"cnn-serve: {files.name} version {files.version} loads: {len(files.labels)} classes")
+        for files in checked:
+            print(
+                f"cnn-serve: {files.name} version {files.version} loads: "
+                f"{len(files.labels)} classes"
+            )
         return 0
     argv_gunicorn = [sys.executable, "-m", "gunicorn", *GUNICORN_ARGS]
     # exec: the checked model goes away; workers load their own after the fork.
@@ -68,26 +78,55 @@ def main(argv: list[str] | None = None) -> int:
     return 0  # not reached
 
 
-def missing_tensorflow() -> str:
-    """Return why TensorFlow cannot be imported and which extra brings it, or "" if it can."""
-    if importlib.util.find_spec("tensorflow") is not None:
-        return ""
-    return (
-        "TensorFlow is not installed; install the package with one of its builds: "
-        "pip install 'cnn-serving[cpu]' (or 'cnn-serving[gpu]' on a CUDA machine)"
-    )
+def check_models(settings: Settings) -> list[ModelFiles]:
+    """Vet the versions each model will serve, as the workers will load them, on Keras's
+    numpy backend; return them.
 
-
-def check_model(path: Path) -> ModelFiles:
-    """Vet the model folder as the workers will load it, on Keras's numpy backend.
-
-    Building the model and loading its weights there finds every fault a worker would
-    (architecture, shapes, labels, weights) in about 2 s, without importing TensorFlow
-    or tracing graphs; each worker then does the one TensorFlow import and load it needs.
+    Building each model and loading its weights there finds every fault a worker would
+    (architecture, shapes, labels, weights) in about 2 s, without importing TensorFlow or
+    tracing graphs; each worker then does the one TensorFlow import and load it needs. A
+    broken version is reported and the one before it served instead, as a reload would; a
+    model with no version that loads stops start-up.
     """
-    model_dir.read(path)  # the common faults, found before Keras is imported at all
+    path = settings.model_path
+    if settings.model_repository:
+        entries = repository.scan_repository(path)
+        if not entries:
+            raise ModelFolderError(f"{path}: the model repository holds no model folder")
+    else:
+        entry = repository.scan_model_dir(path)
+        entries = {entry.name: entry}
+    checked: list[ModelFiles] = []
+    for entry in entries.values():
+        if entry.config_error:
+            raise ModelFolderError(entry.config_error)
+        passed: dict[str, ModelFiles] = {}
+        refused: dict[str, str] = {}
+        while unchecked := [
+            v
+            for v in reversed(entry.served_versions(settings.version_policy, refused))
+            if v not in passed
+        ]:
+            folder = entry.versions[unchecked[0]]
+            try:
+                passed[folder.version] = _check_version(folder.path, entry.name, folder.version)
+            except ModelFolderError as exc:
+                refused[folder.version] = str(exc)
+        if not passed:
+            first = next(iter(refused.values()), "")
+            raise ModelFolderError(
+                first or f"{entry.folder}: no model.json and no numbered version folders"
+            )
+        for message in refused.values():
+            print(f"cnn-serve: warning: version refused: {message}", file=sys.stderr)
+        checked.extend(passed[v] for v in sorted(passed, key=repository.version_number))
+    return checked
+
+
+def _check_version(folder: Path, name: str, version: str) -> ModelFiles:
+    model_files.read(folder, name, version)  # the common faults, before Keras is imported
     if "keras" not in sys.modules:
         os.environ["KERAS_BACKEND"] = "numpy"
     from service import runtime
 
-    return runtime.check_model(path)[1]
+    return runtime.check_model(folder, name, version)[1]

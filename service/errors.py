@@ -120,7 +120,3 @@ class InferenceFailed(ServiceError):
 
     code = "inference_failed"
     status = 500
-
-
-class ModelLoadError(Exception):
-    """The model folder cannot be served; the message is one line naming the file and fault."""

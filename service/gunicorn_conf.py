@@ -6,6 +6,7 @@ loaded by each worker after the fork (TensorFlow is not fork-safe), so no `prelo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -61,8 +62,23 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cnn-serving-metrics-")
 
 
-def on_starting(server: object) -> None:
-    """Wipe metric files a previous run left, before any worker writes new ones."""
+# The file the workers take turns on to load a new version (service/reloader.py).
+os.environ.setdefault(
+    "CNN_SERVING_LOAD_LOCK", os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "load.lock")
+)
+
+
+def on_starting(server) -> None:  # type: ignore[no-untyped-def]
+    """Wipe metric files a previous run left, before any worker writes new ones; make SIGHUP
+    a model rescan in every worker rather than gunicorn's restart of them all."""
+
+    def rescan_models() -> None:
+        server.log.info("SIGHUP: every worker rescans its models now")
+        for pid in list(server.WORKERS):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    server.handle_hup = rescan_models
     folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     folder.mkdir(parents=True, exist_ok=True)
     # Only the metric files (and any a killed worker left half-made): the folder may be a
@@ -97,18 +113,20 @@ def post_fork(server: object, worker: object) -> None:
 
 
 def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
-    """Accept connections only once the model is warm; on SIGTERM, drain, then stop.
+    """Accept connections only once the models are warm; on SIGTERM, drain, then stop; on
+    SIGHUP, rescan the models.
 
-    Gating the accept loop on the model means the kernel hands connections only to warm
+    Gating the accept loop on the models means the kernel hands connections only to warm
     workers: a worker that is starting, or replaces one that died, never answers 503 to a
     request a sibling could serve. Heartbeats go on meanwhile, or the master kills it.
     """
-    service = worker.wsgi.extensions["model_service"]
-    while not service.wait_started(timeout=1.0):
+    manager = worker.wsgi.extensions["model_manager"]
+    signal.signal(signal.SIGHUP, lambda signum, frame: manager.reload())
+    while not manager.wait_started(timeout=1.0):
         worker.notify()
 
     def drain_then_exit(signum: int, frame: object) -> None:
-        if not service.drain():
+        if not manager.drain():
             return  # a repeated SIGTERM changes nothing
         timer = threading.Timer(_settings.drain_s, stop_accepting, (signum, frame))
         timer.daemon = True
@@ -122,8 +140,9 @@ def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
 
     def replace_worker_if_inference_dies() -> None:
         # A dead inference thread never recovers: drain and exit, and the master starts a
-        # fresh worker (with a fresh model) in this one's place.
-        if service.batcher is not None and service.batcher.wait_stopped():
+        # fresh worker (with fresh models) in this one's place.
+        manager.wait_inference_died()
+        if not manager.alive:
             os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=replace_worker_if_inference_dies, daemon=True).start()
@@ -138,7 +157,7 @@ def worker_exit(server: object, worker) -> None:  # type: ignore[no-untyped-def]
     """
     wsgi = getattr(worker, "wsgi", None)
     if wsgi is not None:
-        wsgi.extensions["model_service"].close(timeout=1.0)
+        wsgi.extensions["model_manager"].close(timeout=1.0)
 
 
 def child_exit(server: object, worker) -> None:  # type: ignore[no-untyped-def]

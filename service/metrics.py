@@ -8,8 +8,10 @@ worker merges them all through a fresh MultiProcessCollector registry.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -22,6 +24,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from model_folder.files import ModelInfo
 from service import metric_values
 
 # Before any metric exists, so that every value lives in a file whose space is reserved: a
@@ -36,6 +39,10 @@ LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# A model's confidence in its answers: where most top-1 probabilities fall, and how that moves.
+PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# Loading and warming one version: a second for a small CNN, minutes for a large one.
+LOAD_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 # The first metric: its slot is made first, so it can be exported whenever anything can.
 METRIC_WRITE_FAILURES = Counter(
@@ -51,6 +58,12 @@ REQUEST_LATENCY = Histogram(
     "cnn_http_request_duration_seconds",
     "Time from request arrival to response, by endpoint and HTTP status.",
     ["endpoint", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+MODEL_REQUEST_LATENCY = Histogram(
+    "cnn_model_request_duration_seconds",
+    "Time from request arrival to response of the requests a model version answered.",
+    MODEL_LABELS,
     buckets=LATENCY_BUCKETS,
 )
 QUEUE_WAIT = Histogram(
@@ -110,9 +123,43 @@ READY = Gauge(
 )
 MODEL_INFO = Gauge(
     "cnn_model_info",
-    "The model served: always 1, its facts in the labels.",
+    "A model version served (1) or no longer (0), its facts in the labels.",
     ["name", "version", "input_shape", "device"],
     multiprocess_mode="livemax",
+)
+VERSION_WORKERS = Gauge(
+    "cnn_model_version_workers",
+    "Live workers serving each model version: during a rollout, old and new side by side.",
+    MODEL_LABELS,
+    multiprocess_mode="livesum",
+)
+SERVING_VERSION = Gauge(
+    "cnn_model_serving_version",
+    "The newest version of each model a worker serves (the highest over live workers).",
+    ["model"],
+    multiprocess_mode="livemax",
+)
+MODEL_LOAD_SECONDS = Histogram(
+    "cnn_model_load_seconds",
+    "Time to load and warm up one model version, before it serves.",
+    ["model"],
+    buckets=LOAD_BUCKETS,
+)
+MODEL_LOAD_FAILURES = Counter(
+    "cnn_model_load_failures_total",
+    "Model versions refused at load (bad files, unsafe layers, weights that do not fit).",
+    MODEL_LABELS,
+)
+PREDICTED_CLASS = Counter(
+    "cnn_predicted_class_total",
+    "Images answered, by the class the model ranked first: a shift after a rollout is drift.",
+    [*MODEL_LABELS, "class"],
+)
+TOP1_PROBABILITY = Histogram(
+    "cnn_top1_probability",
+    "The probability of each answer's top class: the model's confidence, per version.",
+    MODEL_LABELS,
+    buckets=PROBABILITY_BUCKETS,
 )
 
 
@@ -127,10 +174,25 @@ class ModelMetrics:
     images: Counter
     queue_depth: Gauge
     estimated_wait: Gauge
+    top1: Histogram
+    predicted_class: tuple[Counter, ...]  # by class index
+    request: Histogram
+
+    def record_outputs(self, outputs: np.ndarray) -> None:
+        """Count each answer's top class and observe its probability, for a batch (N, classes)."""
+        outputs = np.asarray(outputs)
+        if outputs.ndim != 2 or not outputs.size:
+            return
+        top = outputs.argmax(axis=1)
+        for index, count in enumerate(np.bincount(top, minlength=len(self.predicted_class))):
+            if count and index < len(self.predicted_class):
+                self.predicted_class[index].inc(int(count))
+        for probability in outputs[np.arange(len(outputs)), top].tolist():
+            self.top1.observe(probability)
 
 
-def for_model(name: str, version: str) -> ModelMetrics:
-    """Return the metrics of model `name` at `version`."""
+def for_model(name: str, version: str, classes: Sequence[str] = ()) -> ModelMetrics:
+    """Return the metrics of model `name` at `version`, whose outputs are `classes`."""
     return ModelMetrics(
         QUEUE_WAIT.labels(name, version),
         INFERENCE_LATENCY.labels(name, version),
@@ -139,7 +201,17 @@ def for_model(name: str, version: str) -> ModelMetrics:
         IMAGES_PREDICTED.labels(name, version),
         QUEUE_DEPTH.labels(name, version),
         ESTIMATED_WAIT.labels(name, version),
+        TOP1_PROBABILITY.labels(name, version),
+        tuple(PREDICTED_CLASS.labels(name, version, label) for label in classes),
+        MODEL_REQUEST_LATENCY.labels(name, version),
     )
+
+
+def version_serving(info: ModelInfo, serving: bool) -> None:
+    """Record that this worker serves model version `info` now, or no longer."""
+    shape = "x".join(map(str, info.input_shape))
+    MODEL_INFO.labels(info.name, info.version, shape, info.device).set(1 if serving else 0)
+    VERSION_WORKERS.labels(info.name, info.version).set(1 if serving else 0)
 
 
 def serve_separately(host: str, port: int) -> None:

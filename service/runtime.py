@@ -9,6 +9,7 @@ imported once per worker rather than once more in the launcher.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service import model_dir
-from service.errors import ModelLoadError
-from service.model_dir import ModelFiles, ModelInfo
-from service.preprocessing import InputSpec
+from model_folder import files as model_files
+from model_folder.errors import ModelFolderError
+from model_folder.files import ModelFiles, ModelInfo
+from model_folder.preprocessing import InputSpec
 
 
 @contextlib.contextmanager
@@ -113,8 +114,13 @@ def ends_in_softmax(model: keras.Model) -> bool:
     return getattr(activation, "__name__", None) == "softmax"
 
 
+@functools.cache
 def configure_tensorflow(intra_op_threads: int = 0) -> str:
-    """Set thread counts and GPU memory growth; return the device inference runs on."""
+    """Set thread counts and GPU memory growth; return the device inference runs on.
+
+    Once per process: TensorFlow takes these only before it first runs, and every later
+    model version loads into the same configuration.
+    """
     if intra_op_threads:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
@@ -128,31 +134,35 @@ def configure_tensorflow(intra_op_threads: int = 0) -> str:
     return "/GPU:0" if gpus else "/CPU:0"
 
 
-def check_model(path: Path) -> tuple[keras.Model, ModelFiles, InputSpec]:
-    """Build, vet and load the model in `path` (or its newest version); run no code from it."""
-    files = model_dir.read(path)
-    json_path = files.folder / model_dir.MODEL_JSON
+def check_model(
+    folder: Path, name: str | None = None, version: str | None = None
+) -> tuple[keras.Model, ModelFiles, InputSpec]:
+    """Build, vet and load the model folder `folder`; run no code from it."""
+    files = model_files.read(folder, name, version)
+    json_path = files.folder / model_files.MODEL_JSON
     try:
         model = keras.models.model_from_json(files.architecture)
     except Exception as exc:
-        raise ModelLoadError(f"{json_path}: not a Keras model ({_one_line(exc)})") from None
+        raise ModelFolderError(f"{json_path}: not a Keras model ({_one_line(exc)})") from None
     if not isinstance(model, keras.Model):
-        raise ModelLoadError(f"{json_path}: describes a {type(model).__name__}, not a Keras model")
+        raise ModelFolderError(
+            f"{json_path}: describes a {type(model).__name__}, not a Keras model"
+        )
     shape = input_shape(model)
     if len(shape) != 3 or shape[2] not in (1, 3) or None in shape:
-        raise ModelLoadError(f"{json_path}: input shape {shape} is not (height, width, 1 or 3)")
+        raise ModelFolderError(f"{json_path}: input shape {shape} is not (height, width, 1 or 3)")
     output = tuple(model.output_shape) if not isinstance(model.output_shape, list) else ()
     if len(output) != 2:
-        raise ModelLoadError(f"{json_path}: output shape {output} is not (batch, classes)")
+        raise ModelFolderError(f"{json_path}: output shape {output} is not (batch, classes)")
     if output[1] != len(files.labels):
-        raise ModelLoadError(
-            f"{files.folder / model_dir.LABELS}: {len(files.labels)} labels but the model "
+        raise ModelFolderError(
+            f"{files.folder / model_files.LABELS}: {len(files.labels)} labels but the model "
             f"outputs {output[1]} classes"
         )
     try:
         model.load_weights(files.weights)
     except Exception as exc:
-        raise ModelLoadError(f"{files.weights}: weights do not load ({_one_line(exc)})") from None
+        raise ModelFolderError(f"{files.weights}: weights do not load ({_one_line(exc)})") from None
     return model, files, files.input_spec(*shape)
 
 
@@ -164,14 +174,21 @@ def input_shape(model: keras.Model) -> tuple[int, ...]:
     return tuple(shape[1:])
 
 
-def load_classifier(path: Path, max_batch_size: int = 0, intra_op_threads: int = 0) -> Classifier:
-    """Load the model in `path` for serving; max_batch_size 0 means the device's default."""
+def load_classifier(
+    folder: Path,
+    max_batch_size: int = 0,
+    intra_op_threads: int = 0,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+) -> Classifier:
+    """Load the model folder `folder` for serving; max_batch_size 0: the device's default."""
     if keras.backend.backend() != "tensorflow":
-        raise ModelLoadError(
+        raise ModelFolderError(
             f"the service runs Keras on TensorFlow, not KERAS_BACKEND={keras.backend.backend()}"
         )
     device = configure_tensorflow(intra_op_threads).strip("/")
-    model, files, spec = check_model(path)
+    model, files, spec = check_model(folder, name, version)
     info = ModelInfo(files.name, files.version, files.labels, spec, device)
     return Classifier(model, info, max_batch_size or DEFAULT_MAX_BATCH_SIZE[device.split(":")[0]])
 

@@ -8,10 +8,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from model_folder.errors import ModelFolderError
+from model_folder.repository import VersionPolicy
+
 # More workers than this each hold a model copy for little gain; set WORKERS to go beyond.
 MAX_AUTO_WORKERS = 8
 # Seconds a stopping worker is given, past its last request's lifetime, to finish exiting.
 GRACEFUL_MARGIN_S = 5
+# The model served when neither MODEL_DIR nor MODEL_REPOSITORY is set: `make run`'s demo.
+DEFAULT_MODEL_DIR = "models/shapes"
 
 
 class SettingsError(ValueError):
@@ -22,8 +27,16 @@ class SettingsError(ValueError):
 class Settings:
     """Every knob of the service; the env var of a field is its name in upper case."""
 
-    # Model folder, or a folder of numbered versions of which the highest is served.
-    model_dir: Path = Path("models/shapes")
+    # One model: a model folder, or a folder of its numbered versions (default models/shapes).
+    model_dir: str = ""
+    # A folder of models, each sub-folder one model (named by it): a model folder, or a folder
+    # of numbered versions. Set this or MODEL_DIR, not both.
+    model_repository: str = ""
+    # Which versions of each model to serve: latest, latest:N, all or specific:V1,V2; a model's
+    # config.json may say otherwise for that model.
+    model_version_policy: str = "latest"
+    # Seconds between scans for new, changed or removed versions; 0: only on SIGHUP.
+    model_poll_s: float = 5.0
     # Address and port gunicorn binds.
     host: str = "0.0.0.0"
     port: int = 8080
@@ -79,6 +92,7 @@ class Settings:
             "max_batch_delay_ms",
             "drain_s",
             "tf_intra_op_threads",
+            "model_poll_s",
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name.upper()} must not be negative")
@@ -88,6 +102,15 @@ class Settings:
             raise SettingsError(f"METRICS_PORT must be 0 or a port other than PORT ({self.port})")
         if self.max_images_per_request > self.max_queue:
             raise SettingsError("MAX_IMAGES_PER_REQUEST must not exceed MAX_QUEUE")
+        if self.model_dir and self.model_repository:
+            raise SettingsError(
+                "MODEL_DIR and MODEL_REPOSITORY are both set; set MODEL_DIR for one model or "
+                "MODEL_REPOSITORY for a folder of models"
+            )
+        try:
+            VersionPolicy.parse(self.model_version_policy)
+        except ModelFolderError as exc:
+            raise SettingsError(str(exc)) from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -105,6 +128,16 @@ class Settings:
     def as_env(self) -> dict[str, str]:
         """Return the settings as environment variables, for the processes the CLI starts."""
         return {f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
+
+    @property
+    def model_path(self) -> Path:
+        """Return MODEL_REPOSITORY, else MODEL_DIR (or its default)."""
+        return Path(self.model_repository or self.model_dir or DEFAULT_MODEL_DIR)
+
+    @property
+    def version_policy(self) -> VersionPolicy:
+        """Return the version policy of models whose config.json names none."""
+        return VersionPolicy.parse(self.model_version_policy)
 
     @property
     def worker_count(self) -> int:

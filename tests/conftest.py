@@ -84,7 +84,7 @@ def classifier(model_dir):
     """Return the reference CNN loaded through the service runtime."""
     from service.runtime import load_classifier
 
-    return load_classifier(model_dir, max_batch_size=16)
+    return load_classifier(model_dir / "2", max_batch_size=16)
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def app(settings, classifier):
 
     application = create_app(settings, classifier)
     yield application
-    application.extensions["model_service"].close(timeout=5)
+    application.extensions["model_manager"].close(timeout=5)
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def distinct_images(count: int, size=(32, 32)) -> list[bytes]:
 
 def expected_probabilities(model, data: bytes, spec) -> np.ndarray:
     """Return the Keras model's own output on the service's preprocessing of `data`."""
-    from service.preprocessing import preprocess
+    from model_folder.preprocessing import preprocess
 
     return np.asarray(model(preprocess(data, spec)[None], training=False))[0]
 

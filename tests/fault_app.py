@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model_folder.repository import scan_model_dir, version_number
 from service.app import create_app
 from service.runtime import load_classifier
 from service.settings import Settings
@@ -82,7 +83,15 @@ class MisbehavingClassifier(WrappedClassifier):
 def create():
     """Build the service app around the misbehaving model."""
     settings = Settings.from_env()
-    inner = load_classifier(settings.model_dir, settings.max_batch_size, settings.tf_threads)
+    entry = scan_model_dir(settings.model_path)
+    newest = max(entry.versions.values(), key=lambda folder: version_number(folder.version))
+    inner = load_classifier(
+        newest.path,
+        settings.max_batch_size,
+        settings.tf_threads,
+        name=entry.name,
+        version=newest.version,
+    )
     return create_app(settings, MisbehavingClassifier(inner, Path(os.environ["FAULT_DIR"])))
 
 

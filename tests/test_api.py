@@ -95,7 +95,7 @@ def test_top_holds_the_k_most_likely_labels_in_descending_order(client, cnn, cla
 def shaped(outputs: list[list[float]], top_k: int, labels=("cat", "dog", "owl", "yak")) -> dict:
     """Return prediction_body's answer for hand-made outputs of a stand-in model."""
     info = SimpleNamespace(labels=labels, name="pets", version="4")
-    service = SimpleNamespace(classifier=SimpleNamespace(info=info))
+    service = SimpleNamespace(info=info)
     return prediction_body(service, [np.array(o, dtype=np.float32) for o in outputs], top_k)
 
 
@@ -174,9 +174,9 @@ def served_probabilities(folder, model, data: bytes) -> tuple[np.ndarray, np.nda
     try:
         response = client.post("/predict", data=data, content_type="image/png")
         served = np.array(response.get_json()["predictions"][0]["probabilities"])
-        spec = app.extensions["model_service"].classifier.info.spec
+        spec = app.extensions["models"].find().info.spec
     finally:
-        app.extensions["model_service"].close(timeout=5)
+        app.extensions["model_manager"].close(timeout=5)
     return served, expected_probabilities(model, data, spec)
 
 
@@ -276,7 +276,8 @@ def test_health_ready_and_model_facts(client):
     assert client.get("/healthz").status_code == 200
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    model = ready.get_json()["model"]
+    [model] = ready.get_json()["models"]
+    assert (model["name"], model["version"], model["state"]) == ("shapes", "2", "AVAILABLE")
     assert model["input_shape"] == [32, 32, 3]
     assert model["device"] == expected_device()
 
@@ -298,7 +299,7 @@ def test_not_ready_until_the_model_has_loaded(tmp_path):
 
 
 def test_draining_reports_not_ready_but_still_answers(app, client):
-    app.extensions["model_service"].drain()
+    app.extensions["model_manager"].drain()
     assert client.get("/readyz").status_code == 503
     assert client.get("/readyz").get_json()["status"] == "draining"
     assert client.post("/predict", data=image_bytes(), content_type="image/png").status_code == 200

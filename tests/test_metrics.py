@@ -126,7 +126,7 @@ def test_a_failed_forward_pass_counts_one_error_no_prediction_and_empties_the_qu
     try:
         response = post_images(app.test_client(), distinct_images(2))
     finally:
-        app.extensions["model_service"].close(timeout=5)
+        app.extensions["model_manager"].close(timeout=5)
     assert response.status_code == 500
     assert response.get_json()["error"]["code"] == "inference_failed"
     after = values(*watched)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.errors import InvalidImage, PayloadTooLarge
-from service.preprocessing import InputSpec, decode_image, preprocess, to_model_input
+from model_folder.errors import ImageTooLarge, UndecodableImage
+from model_folder.preprocessing import InputSpec, decode_image, preprocess, to_model_input
 from tests.conftest import image_bytes, png_bomb
 
 RGB = InputSpec(32, 32, 3)
@@ -99,7 +99,7 @@ def test_formats_outside_the_allowlist_are_invalid(fmt):
     image = Image.new("1" if fmt == "XBM" else "RGB", (16, 16))
     data = encode(image, fmt)
     assert Image.open(io.BytesIO(data)).format == fmt, "Pillow itself reads it"
-    with pytest.raises(InvalidImage, match="not a decodable image"):
+    with pytest.raises(UndecodableImage, match="not a decodable image"):
         decode_image(data, RGB)
 
 
@@ -336,27 +336,27 @@ def test_rescale_and_offset_apply_to_uint8_values():
     ids=["empty", "text", "pdf"],
 )
 def test_non_images_are_invalid(data):
-    with pytest.raises(InvalidImage):
+    with pytest.raises(UndecodableImage):
         decode_image(data, RGB)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated_images_are_invalid(fmt):
     data = image_bytes((200, 200), "RGB", fmt)
-    with pytest.raises(InvalidImage, match="truncated or corrupt"):
+    with pytest.raises(UndecodableImage, match="truncated or corrupt"):
         decode_image(data[: len(data) // 2], RGB)
 
 
 def test_decompression_bomb_is_refused_before_decoding():
     bomb = png_bomb(40000, 40000)
     assert len(bomb) < 10_000
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(ImageTooLarge):
         decode_image(bomb, RGB)
 
 
 def test_pixel_limit_is_configurable():
     data = image_bytes((100, 100))
-    with pytest.raises(PayloadTooLarge, match="10000 pixels; the limit is 9999"):
+    with pytest.raises(ImageTooLarge, match="10000 pixels; the limit is 9999"):
         decode_image(data, RGB, max_pixels=9999)
     assert decode_image(data, RGB, max_pixels=10000).shape == RGB.shape
 
@@ -374,7 +374,7 @@ def test_input_spec_refuses_odd_channel_counts():
 def test_default_pixel_limit_is_25_million():
     # Few-KB PNGs claiming the sizes: 5000x5000 is at the limit, 5001x5000 over it.
     assert decode_image(png_bomb(5000, 5000), RGB).shape == RGB.shape
-    with pytest.raises(PayloadTooLarge, match="25005000 pixels; the limit is 25000000"):
+    with pytest.raises(ImageTooLarge, match="25005000 pixels; the limit is 25000000"):
         decode_image(png_bomb(5001, 5000), RGB)
 
 

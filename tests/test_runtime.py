@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from service.errors import ModelLoadError
+from model_folder.errors import ModelFolderError
 from service.runtime import load_classifier, padded_batch_sizes
 from tests.conftest import LABELS, make_cnn, write_model
 
@@ -19,7 +19,7 @@ def good(tmp_path, cnn):
 
 
 def test_highest_numbered_version_is_served(model_dir):
-    info = load_classifier(model_dir).info
+    info = load_classifier(model_dir / "2").info
     assert (info.name, info.version) == ("shapes", "2")
 
 
@@ -111,7 +111,7 @@ FAULTS = {
 def test_each_fault_is_one_clear_line_naming_the_file(good, name):
     breaker, expected = FAULTS[name]
     breaker(good)
-    with pytest.raises(ModelLoadError) as error:
+    with pytest.raises(ModelFolderError) as error:
         load_classifier(good)
     message = str(error.value)
     assert expected in message
@@ -123,13 +123,13 @@ def test_weights_of_another_architecture_are_refused(tmp_path, cnn):
     folder = write_model(tmp_path / "m", cnn, LABELS)
     other = write_model(tmp_path / "other", make_cnn(input_shape=(28, 28, 3)), LABELS)
     shutil.copy(other / "model.weights.h5", folder / "model.weights.h5")
-    with pytest.raises(ModelLoadError, match="weights do not load"):
+    with pytest.raises(ModelFolderError, match="weights do not load"):
         load_classifier(folder)
 
 
 def test_empty_versions_folder_is_refused(tmp_path):
     (tmp_path / "models").mkdir()
-    with pytest.raises(ModelLoadError, match=r"model\.json: file is missing"):
+    with pytest.raises(ModelFolderError, match=r"model\.json: file is missing"):
         load_classifier(tmp_path / "models")
 
 
@@ -141,7 +141,7 @@ def test_lambda_layer_is_refused_without_running_it(tmp_path, good):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(touch_marker)])
     (good / "model.json").write_text(model.to_json())
     marker.unlink(missing_ok=True)  # building the model here ran it once
-    with pytest.raises(ModelLoadError, match="refused layer 'Lambda'"):
+    with pytest.raises(ModelFolderError, match="refused layer 'Lambda'"):
         load_classifier(good)
     assert not marker.exists()
 
@@ -151,7 +151,7 @@ def test_custom_object_is_refused(good):
     config["config"]["layers"][1]["module"] = "my_evil_package"
     config["config"]["layers"][1]["registered_name"] = "Custom>Evil"
     (good / "model.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="refused custom object 'Custom>Evil'"):
+    with pytest.raises(ModelFolderError, match="refused custom object 'Custom>Evil'"):
         load_classifier(good)
 
 

@@ -15,7 +15,7 @@ def test_environment_variables_set_fields_and_overrides_win():
     settings = Settings.from_env(environ, port=9100)
     assert settings.port == 9100
     assert settings.max_batch_delay_ms == 2.5
-    assert settings.model_dir == Path("/m")
+    assert settings.model_path == Path("/m")
     assert settings.host == "0.0.0.0", "an empty variable keeps the default"
 
 

@@ -224,7 +224,7 @@ def test_missing_token_is_401(model_dir, classifier):
 
 
 def test_draining_reports_unloading_and_still_answers(app, client):
-    app.extensions["model_service"].drain()
+    app.extensions["model_manager"].drain()
     status = client.get(MODEL).get_json()["model_version_status"][0]
     assert status["state"] == "UNLOADING"
     body = {"instances": model_tensor(1).tolist()}
@@ -255,7 +255,7 @@ def test_unexpected_failure_is_500_in_the_tf_serving_shape(app, client, monkeypa
     def fail(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(app.extensions["model_service"], "predict_tensor", fail)
+    monkeypatch.setattr(app.extensions["models"].find(), "predict_tensor", fail)
     body = {"instances": model_tensor(1).tolist()}
     message = assert_error(client.post(MODEL + ":predict", json=body), 500)
     assert "boom" not in message

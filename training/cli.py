@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.cli import missing_tensorflow
+from model_folder.requirements import missing_tensorflow
 
 if TYPE_CHECKING:
     from training.pipeline import TrainingRun

@@ -1,6 +1,6 @@
 """Labelled images in, model batches out: image folders, stratified splits, streaming batches.
 
-Every image, from a file or from memory, becomes model input through `service.preprocessing`,
+Every image, from a file or from memory, becomes model input through `model_folder.preprocessing`,
 the very function the service runs on uploads, so training and serving cannot drift apart.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from service.errors import ServiceError
-from service.preprocessing import InputSpec, decode_image, preprocess
+from model_folder.errors import ImageRejected
+from model_folder.preprocessing import InputSpec, decode_image, preprocess
 from training import shapes
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
@@ -243,8 +243,8 @@ def _fault(path: Path, spec: InputSpec) -> str:
     """Return why the image file cannot be used, or "" if it can."""
     try:
         decode_image(path.read_bytes(), spec)
-    except ServiceError as exc:
-        return exc.message
+    except ImageRejected as exc:
+        return str(exc)
     except OSError as exc:
         return exc.strerror or type(exc).__name__
     return ""

@@ -12,12 +12,15 @@ import json
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import keras
 
-from service import model_dir
+from model_folder import files
+from model_folder.metadata import Metadata
+from model_folder.repository import next_version
 from training import report
 
 CURVES = "training_curves.png"
@@ -28,7 +31,7 @@ def save_version(
     model: keras.Model,
     parent: Path,
     labels: Sequence[str],
-    metadata: Mapping[str, Any],
+    metadata: Metadata,
     history: Mapping[str, Sequence[float]],
     evaluation: report.Evaluation,
 ) -> Path:
@@ -37,14 +40,14 @@ def save_version(
     staging = parent / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        (staging / model_dir.MODEL_JSON).write_text(model.to_json(), encoding="utf-8")
-        model.save_weights(staging / model_dir.WEIGHTS)
-        _write_json(staging / model_dir.LABELS, list(labels))
+        (staging / files.MODEL_JSON).write_text(model.to_json(), encoding="utf-8")
+        model.save_weights(staging / files.WEIGHTS)
+        _write_json(staging / files.LABELS, list(labels))
         report.plot_training_curves(history, staging / CURVES)
         report.plot_confusion_matrix(evaluation, staging / CONFUSION)
         while True:
             version = next_version(parent)
-            _write_json(staging / model_dir.METADATA, {**metadata, "version": str(version)})
+            replace(metadata, version=str(version)).write(staging / files.METADATA)
             try:
                 staging.rename(parent / str(version))
             except OSError as exc:
@@ -56,12 +59,6 @@ def save_version(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def next_version(parent: Path) -> int:
-    """Return one more than the highest numbered folder in `parent` (1 if none)."""
-    numbers = [int(p.name) for p in parent.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(numbers, default=0) + 1
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -9,13 +9,13 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from service.preprocessing import InputSpec
+from model_folder.metadata import InputMetadata, Metadata
+from model_folder.preprocessing import InputSpec
 from training import data, export, report
 from training.model import make_model, smallest_input_side
 
@@ -204,41 +204,34 @@ def _metadata(
     evaluation: report.Evaluation,
     history: dict[str, list[float]],
     best_epoch: int,
-) -> dict[str, Any]:
+) -> Metadata:
     settings = {
         key: str(value) if isinstance(value, Path) else value
         for key, value in dataclasses.asdict(options).items()
     }
-    return {
-        "name": options.model_name,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "input": {
-            "height": spec.height,
-            "width": spec.width,
-            "channels": spec.channels,
-            "rescale": spec.rescale,
-            "offset": spec.offset,
-            "color_mode": spec.color_mode,
-        },
-        "labels": list(dataset.classes),
-        "dataset": {
-            "source": f"synthetic:{options.synthetic}" if options.synthetic else settings["data"],
-            "counts": dataset.counts(),
-            "skipped_files": len(dataset.skipped),
-        },
-        "training": {
+    source = f"synthetic:{options.synthetic}" if options.synthetic else settings["data"]
+    return Metadata(
+        name=options.model_name,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        input=InputMetadata.of(spec),
+        training={
+            "dataset": {
+                "source": source,
+                "counts": dataset.counts(),
+                "skipped_files": len(dataset.skipped),
+            },
             "options": settings,
             "epochs_run": len(history["loss"]),
             "best_epoch": best_epoch + 1,
+            "evaluation": {
+                "test_loss": evaluation.loss,
+                "test_accuracy": evaluation.accuracy,
+                "per_class": evaluation.per_class(),
+            },
+            "versions": {
+                "tensorflow": tf.__version__,
+                "keras": keras.__version__,
+                "python": platform.python_version(),
+            },
         },
-        "evaluation": {
-            "test_loss": evaluation.loss,
-            "test_accuracy": evaluation.accuracy,
-            "per_class": evaluation.per_class(),
-        },
-        "versions": {
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "python": platform.python_version(),
-        },
-    }
+    )

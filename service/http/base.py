@@ -15,12 +15,30 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service import metrics
 from service.errors import InvalidRequest, PayloadTooLarge, ServiceError, Unauthorized
-from service.inference import Upload
+from service.inference import ModelVersion, Upload
+from service.registry import Models
 
 log = logging.getLogger(__name__)
 
 # A protocol's error body, from the error's code and message.
 ErrorBody = Callable[[str, str], object]
+
+
+def lease(
+    name: str | None = None, version: str | None = None, label: str | None = None
+) -> ModelVersion:
+    """Return the model version a request asked for, held until the request is answered."""
+    models: Models = current_app.extensions["models"]
+    served = models.acquire(name, version, label)
+    g.setdefault("leases", []).append(served)
+    return served
+
+
+def release_leases(_error: BaseException | None = None) -> None:
+    """Release what `lease` held (Flask's teardown of every request)."""
+    models: Models = current_app.extensions["models"]
+    for served in g.pop("leases", ()):
+        models.release(served)
 
 
 def json_response(body: object, status: int = 200) -> Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from importlib.metadata import version as package_version
 
+from model_folder.files import ModelInfo
 from service.http.openapi_schemas import (
     B64_IMAGE,
     BINARY,
@@ -16,8 +17,7 @@ from service.http.openapi_schemas import (
     NUMBER_LIST,
     SCHEMAS,
 )
-from service.inference import Models
-from service.model_dir import ModelInfo
+from service.registry import Models
 
 # Each protocol's error body (service/http/base.py answer_errors shapes them).
 _PREDICT_ERROR = {"$ref": "#/components/schemas/PredictError"}
@@ -43,9 +43,12 @@ def document(models: Models, metrics: bool, assets: list[str]) -> dict:
     `metrics` tells whether this app serves /metrics (not when METRICS_PORT is set);
     `assets` are the files of the /docs page.
     """
-    loaded = [service.classifier.info for service in models if service.classifier is not None]
-    name = _path_parameter("name", sorted({info.name for info in loaded}))
+    loaded = [served.info for served in models.available()]
+    names = sorted({info.name for info in loaded})
+    name = _path_parameter("name", names)
     version = _path_parameter("version", sorted({info.version for info in loaded}))
+    labels = sorted({label for model in names for label in models.labels(model)})
+    label = _path_parameter("label", labels)
     paths: dict[str, dict] = {
         "/healthz": {"get": _get("Liveness", _json({"type": "object"}), {503: _readiness()})},
         "/readyz": {"get": _get("Readiness", _readiness(), {503: _readiness()})},
@@ -53,10 +56,11 @@ def document(models: Models, metrics: bool, assets: list[str]) -> dict:
         "/openapi.json": {"get": _get("This document", _json({"type": "object"}))},
         "/docs": {"get": _get("This document as a page", {"text/html": {"schema": {}}})},
         "/docs/{asset}": {"get": _docs_asset(assets)},
-        "/predict": {"post": _predict()},
+        "/predict": {"post": _predict(names, sorted({info.version for info in loaded}))},
         "/v2": {"get": _get("V2 server metadata", _json({"type": "object"}))},
         "/v2/health/live": {"get": _get("V2 liveness", _flag("live"), {503: _flag("live")})},
         "/v2/health/ready": {"get": _get("V2 readiness", _flag("ready"), {503: _flag("ready")})},
+        "/v2/repository/index": {"post": _v2_repository_index()},
     }
     for prefix, parameters in (("", [name]), ("/versions/{version}", [name, version])):
         base = "/v2/models/{name}" + prefix
@@ -64,6 +68,15 @@ def document(models: Models, metrics: bool, assets: list[str]) -> dict:
         paths[base + "/ready"] = {"get": _v2_ready(parameters)}
         paths[base + "/infer"] = {"post": _v2_infer(parameters, loaded)}
         base = "/v1/models/{name}" + prefix
+        paths[base] = {"get": _tf_get("TF Serving model status", "TFModelStatus", parameters)}
+        paths[base + "/metadata"] = {
+            "get": _tf_get("TF Serving model metadata", "TFModelMetadata", parameters)
+        }
+        paths[base + ":predict"] = {"post": _tf_predict(parameters)}
+        paths[base + ":classify"] = {"post": _tf_classify(parameters)}
+    if labels:
+        base = "/v1/models/{name}/labels/{label}"
+        parameters = [name, label]
         paths[base] = {"get": _tf_get("TF Serving model status", "TFModelStatus", parameters)}
         paths[base + "/metadata"] = {
             "get": _tf_get("TF Serving model metadata", "TFModelMetadata", parameters)
@@ -146,8 +159,10 @@ def _post(summary: str, parameters: list, body: dict, responses: dict) -> dict:
 _INFER_STATUSES = (400, 401, 404, 408, 413, 415, 500, 503, 504)
 
 
-def _predict() -> dict:
+def _predict(names: list[str], versions: list[str]) -> dict:
     top_k = {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1}}
+    model = {"name": "model", "in": "query", "schema": {"type": "string", "enum": names}}
+    version = {"name": "version", "in": "query", "schema": {"type": "string", "enum": versions}}
     image = {"schema": BINARY}
     instances = {
         "type": "object",
@@ -170,7 +185,24 @@ def _predict() -> dict:
         _json({"$ref": "#/components/schemas/Prediction"}),
         _errors(_PREDICT_ERROR, _INFER_STATUSES),
     )
-    return _post("Classify images", [top_k], body, responses)
+    query = [top_k, model, version] if names else [top_k]
+    return _post("Classify images", query, body, responses)
+
+
+def _v2_repository_index() -> dict:
+    body = {
+        "type": "object",
+        "properties": {"ready": {"type": "boolean"}},
+        "additionalProperties": False,
+    }
+    responses = _responses(
+        _json({"$ref": "#/components/schemas/V2RepositoryIndex"}), {400: _json(_MESSAGE_ERROR)}
+    )
+    return {
+        "summary": "Every model version with its state (Triton's repository index)",
+        "requestBody": {"required": False, "content": _json(body)},
+        "responses": responses,
+    }
 
 
 def _v2_model_get(summary: str, schema: str, parameters: list) -> dict:

@@ -36,17 +36,24 @@ SCHEMAS: dict[str, dict] = {
     "Readiness": {
         "type": "object",
         "properties": {
-            "status": {"enum": ["starting", "ready", "draining", "failed", "batcher_stopped"]},
-            "model": {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string"},
-                    "version": {"type": "string"},
-                    "input_shape": {"type": "array", "items": {"type": "integer"}},
-                    "classes": {"type": "integer"},
-                    "device": {"type": "string"},
+            "status": {
+                "enum": ["starting", "ready", "draining", "failed", "batcher_stopped", "no_model"]
+            },
+            "models": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "version": {"type": "string"},
+                        "state": {"enum": ["LOADING", "AVAILABLE", "UNLOADING", "END", "FAILED"]},
+                        "input_shape": {"type": "array", "items": {"type": "integer"}},
+                        "classes": {"type": "integer"},
+                        "device": {"type": "string"},
+                        "error": {"type": "string"},
+                    },
+                    "required": ["name", "version", "state"],
                 },
-                "required": ["name", "version", "input_shape", "classes", "device"],
             },
             "error": {"type": "string"},
         },
@@ -160,6 +167,19 @@ SCHEMAS: dict[str, dict] = {
             }
         },
         "required": ["model_version_status"],
+    },
+    "V2RepositoryIndex": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "state": {"enum": ["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]},
+                "reason": {"type": "string"},
+            },
+            "required": ["name", "version", "state", "reason"],
+        },
     },
     "TFModelMetadata": {
         "type": "object",

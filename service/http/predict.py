@@ -7,14 +7,21 @@ import orjson
 from flask import Blueprint, Request, Response, current_app, g, request
 
 from service.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
-from service.http.base import authorize, b64_upload, json_response, number_parameter, read_body
-from service.inference import Models, ModelService, Upload
+from service.http.base import (
+    authorize,
+    b64_upload,
+    json_response,
+    lease,
+    number_parameter,
+    read_body,
+)
+from service.inference import ModelVersion, Upload
 from service.settings import Settings
 
 blueprint = Blueprint("predict", __name__)
 
 DEFAULT_TOP_K = 5
-QUERY_PARAMETERS = ("top_k", "timeout")
+QUERY_PARAMETERS = ("top_k", "timeout", "model", "version")
 ACCEPTED_TYPES = "multipart/form-data, image/*, application/json"
 
 
@@ -23,18 +30,16 @@ def predict() -> Response:
     """Classify the request's images and return one prediction per image, in order."""
     settings: Settings = current_app.config["SETTINGS"]
     authorize(request, current_app.config["API_TOKEN"])
-    models: Models = current_app.extensions["models"]
-    service = models.find()
     top_k = _top_k(request)
+    service = lease(request.args.get("model") or None, request.args.get("version") or None)
     uploads = read_uploads(request, settings.max_images_per_request)
     probabilities = service.predict(uploads, deadline=g.deadline)
     return json_response(prediction_body(service, probabilities, top_k))
 
 
-def prediction_body(service: ModelService, outputs: list[np.ndarray], top_k: int) -> dict:
+def prediction_body(service: ModelVersion, outputs: list[np.ndarray], top_k: int) -> dict:
     """Shape the model's outputs as the /predict response contract."""
-    assert service.classifier is not None
-    info = service.classifier.info
+    info = service.info
     labels = info.labels
     k = min(top_k, len(labels))
     predictions = []

@@ -18,10 +18,13 @@ from service.http.base import (
     authorize,
     b64_upload,
     json_response,
+    lease,
     message_only,
     read_body,
 )
-from service.inference import Models, ModelService, Status
+from service.inference import ModelVersion
+from service.registry import Models, State
+from service.reloader import Phase
 from service.settings import Settings
 
 PATH_PREFIX = "/v1"
@@ -40,49 +43,57 @@ def dispatch(rest: str) -> Response:
     """Route a /v1/models/... request by hand: the ":verb" suffix is no path segment."""
     path, _, verb = rest.partition(":")
     parts = path.split("/")
-    name, version = parts[0], None
+    name, version, label = parts[0], None, None
     if len(parts) >= 3 and parts[1] == "versions":
         version, parts = parts[2], parts[:1] + parts[3:]
+    elif len(parts) >= 3 and parts[1] == "labels":
+        label, parts = parts[2], parts[:1] + parts[3:]
     if not name or parts[1:] not in ([], ["metadata"]):
-        raise NotFound(f"no TF Serving route /v1/models/{rest} (version labels are not served)")
+        raise NotFound(f"no TF Serving route /v1/models/{rest}")
     if verb and (parts[1:] or verb not in VERBS):
         raise NotFound(f"no TF Serving method {verb!r}; served: :predict, :classify")
     # The request metrics' endpoint: the route this path stands for, as for the other
     # protocols (a handful of values, never the path itself).
-    g.metrics_endpoint = "/v1/models/<name>" + ("/versions/<version>" if version else "")
+    g.metrics_endpoint = "/v1/models/<name>" + (
+        "/versions/<version>" if version else "/labels/<label>" if label else ""
+    )
     g.metrics_endpoint += f":{verb}" if verb else "/metadata" if parts[1:] else ""
     allowed = ["POST"] if verb else ["GET", "HEAD"]
     if request.method not in allowed:
         raise MethodNotAllowed(valid_methods=allowed)
     authorize(request, current_app.config["API_TOKEN"])
+    if verb:
+        service = lease(name, version, label)
+        return _predict(service) if verb == "predict" else _classify(service)
     models: Models = current_app.extensions["models"]
-    service = models.find(name, version)
-    if verb == "predict":
-        return _predict(service)
-    if verb == "classify":
-        return _classify(service)
-    return json_response(_metadata(service) if parts[1:] else _status(service))
+    if parts[1:]:
+        return json_response(_metadata(models.find(name, version, label)))
+    if label is not None:
+        version = models.find(name, label=label).info.version
+    return json_response(_status(models, name, version))
 
 
-def _status(service: ModelService) -> dict:
-    """Describe the served version as a GetModelStatusResponse."""
-    assert service.classifier is not None
-    state, code, message = "AVAILABLE", "OK", ""
-    if service.status is Status.STARTING:
-        state = "LOADING"
-    elif service.status is Status.DRAINING:
-        state = "UNLOADING"
-    elif not service.ready:
-        state, code, message = "END", "UNAVAILABLE", str(service.readiness()["status"])
-    status = {"error_code": code, "error_message": message}
-    version = service.classifier.info.version
-    return {"model_version_status": [{"version": version, "state": state, "status": status}]}
+def _status(models: Models, name: str, version: str | None) -> dict:
+    """Describe the model's versions (or one of them) as a GetModelStatusResponse."""
+    statuses = [s for s in models.statuses(name) if version in (None, s.version)]
+    if not statuses:
+        models.find(name, version)  # raises the 404 that names what is served
+    draining = current_app.extensions["model_manager"].phase is Phase.DRAINING
+    rows = []
+    for status in reversed(statuses):  # newest first, as TF Serving lists them
+        state, code = status.state.value, "OK"
+        if status.state is State.FAILED:
+            state, code = "END", "UNKNOWN"
+        elif status.state is State.AVAILABLE and draining:
+            state = "UNLOADING"
+        detail = {"error_code": code, "error_message": status.error}
+        rows.append({"version": status.version, "state": state, "status": detail})
+    return {"model_version_status": rows}
 
 
-def _metadata(service: ModelService) -> dict:
+def _metadata(service: ModelVersion) -> dict:
     """Describe the model as a GetModelMetadataResponse with one signature_def."""
-    assert service.classifier is not None
-    info = service.classifier.info
+    info = service.info
 
     def tensor(name: str, dtype: str, shape: list[int]) -> dict:
         dims = [{"size": str(size), "name": ""} for size in shape]
@@ -102,7 +113,7 @@ def _metadata(service: ModelService) -> dict:
     }
 
 
-def _predict(service: ModelService) -> Response:
+def _predict(service: ModelVersion) -> Response:
     document = _request_document()
     if ("instances" in document) == ("inputs" in document):
         raise InvalidRequest('send exactly one of "instances" (row) or "inputs" (columnar)')
@@ -118,7 +129,7 @@ def _predict(service: ModelService) -> Response:
     return json_response({"outputs": _run(service, columns, "inputs")})
 
 
-def _classify(service: ModelService) -> Response:
+def _classify(service: ModelVersion) -> Response:
     examples = _request_document().get("examples")
     if not isinstance(examples, list):
         raise InvalidRequest(
@@ -129,8 +140,7 @@ def _classify(service: ModelService) -> Response:
         if not isinstance(example, dict) or EXAMPLE_FEATURE not in example:
             raise InvalidRequest(f'examples[{i}] has no "{EXAMPLE_FEATURE}" feature')
         images.append(example[EXAMPLE_FEATURE])
-    assert service.classifier is not None
-    labels = service.classifier.info.labels
+    labels = service.info.labels
     result = []
     for output in _run(service, images, "examples"):
         order = np.argsort(-np.asarray(output), kind="stable")
@@ -163,7 +173,7 @@ def _unnamed(value: object, where: str) -> object:
     return value
 
 
-def _run(service: ModelService, images: list, where: str) -> list[list[float]]:
+def _run(service: ModelVersion, images: list, where: str) -> list[list[float]]:
     """Return the probabilities of b64 images or of one float tensor, in order."""
     settings: Settings = current_app.config["SETTINGS"]
     if not images:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from importlib.metadata import version as package_version
 
 import numpy as np
+import orjson
 from flask import Blueprint, Response, current_app, g, request
 
 from service.errors import (
@@ -21,9 +22,11 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.http import v2_codec
-from service.http.base import authorize, json_response, message_only, read_body
+from service.http.base import authorize, json_response, lease, message_only, read_body
 from service.http.v2_codec import InputTensor, OutputTensor
-from service.inference import Models, ModelService, Upload
+from service.inference import ModelVersion, Upload
+from service.registry import Models, State
+from service.reloader import ModelManager
 from service.settings import Settings
 
 PATH_PREFIX = "/v2"
@@ -57,6 +60,20 @@ def _models() -> Models:
     return current_app.extensions["models"]
 
 
+def _manager() -> ModelManager:
+    return current_app.extensions["model_manager"]
+
+
+# Triton's names for the states of a repository index.
+_INDEX_STATES = {
+    State.AVAILABLE: "READY",
+    State.LOADING: "LOADING",
+    State.UNLOADING: "UNLOADING",
+    State.END: "UNAVAILABLE",
+    State.FAILED: "UNAVAILABLE",
+}
+
+
 @blueprint.get("")
 def server_metadata() -> Response:
     """Describe the server and the extensions it speaks."""
@@ -67,27 +84,28 @@ def server_metadata() -> Response:
 @blueprint.get("/health/live")
 def live() -> Response:
     """Answer as /healthz: 200 while the process is worth keeping."""
-    alive = all(service.alive for service in _models())
+    alive = _manager().alive
     return json_response({"live": alive}, 200 if alive else 503)
 
 
 @blueprint.get("/health/ready")
 def ready() -> Response:
     """Answer as /readyz: 200 while every model takes predictions."""
-    is_ready = all(service.ready for service in _models())
+    is_ready = _manager().ready
     return json_response({"ready": is_ready}, 200 if is_ready else 503)
 
 
 @_model_route("", "GET")
 def model_metadata(name: str, version: str | None) -> Response:
     """Describe the model's inputs and output."""
-    service = _models().find(name, version)
-    assert service.classifier is not None
-    info = service.classifier.info
+    info = _models().find(name, version).info
+    versions = [
+        status.version for status in _models().statuses(name) if status.state is State.AVAILABLE
+    ]
     return json_response(
         {
             "name": info.name,
-            "versions": [info.version],
+            "versions": versions if version is None else [info.version],
             "platform": "keras",
             "inputs": [
                 {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
@@ -100,9 +118,33 @@ def model_metadata(name: str, version: str | None) -> Response:
 
 @_model_route("/ready", "GET")
 def model_ready(name: str, version: str | None) -> Response:
-    """Tell whether the model takes predictions now."""
-    service = _models().find(name, version)
-    return json_response({"name": name, "ready": service.ready}, 200 if service.ready else 503)
+    """Tell whether the model (at that version) takes predictions now."""
+    known = [s for s in _models().statuses(name) if version in (None, s.version)]
+    if not known:
+        _models().find(name, version)  # raises the 404 that names what is served
+    ready = any(s.state is State.AVAILABLE and s.served and s.served.alive for s in known)
+    ready = ready and _manager().phase.value in ("ready", "draining")
+    return json_response({"name": name, "ready": ready}, 200 if ready else 503)
+
+
+@blueprint.post("/repository/index")
+def repository_index() -> Response:
+    """List every model version with its state, as Triton's repository index does."""
+    try:
+        body = orjson.loads(read_body(request) or b"{}")
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
+        raise InvalidRequest('the body must be {} or {"ready": true|false}')
+    rows = []
+    for status in _models().statuses():
+        if body.get("ready") and status.state is not State.AVAILABLE:
+            continue
+        row = {"name": status.model, "version": status.version}
+        row["state"] = _INDEX_STATES[status.state]
+        row["reason"] = status.error or ("unloaded" if status.state is State.END else "")
+        rows.append(row)
+    return json_response(rows)
 
 
 @_model_route("/infer", "POST")
@@ -110,7 +152,7 @@ def infer(name: str, version: str | None) -> Response:
     """Run the request's one input through the model; answer the outputs it asks for."""
     settings: Settings = current_app.config["SETTINGS"]
     authorize(request, current_app.config["API_TOKEN"])
-    service = _models().find(name, version)
+    service = lease(name, version)
     if request.mimetype not in ACCEPTED_TYPES:
         raise UnsupportedMediaType(
             f"Content-Type {request.mimetype!r} is not supported; use application/json "
@@ -131,8 +173,7 @@ def infer(name: str, version: str | None) -> Response:
         )
     probabilities = np.stack(_predict(service, inputs[0]))
     outputs = [_output(service, probabilities, output) for output in requested]
-    assert service.classifier is not None
-    info = service.classifier.info
+    info = service.info
     answer: dict[str, object] = {"model_name": info.name, "model_version": info.version}
     if "id" in document:
         answer["id"] = document["id"]
@@ -146,7 +187,7 @@ def infer(name: str, version: str | None) -> Response:
     return response
 
 
-def _predict(service: ModelService, tensor: InputTensor) -> list[np.ndarray]:
+def _predict(service: ModelVersion, tensor: InputTensor) -> list[np.ndarray]:
     if not len(tensor.value):
         raise InvalidRequest(f"input {tensor.name!r} holds no image")
     if tensor.name == IMAGE:
@@ -165,14 +206,13 @@ def _predict(service: ModelService, tensor: InputTensor) -> list[np.ndarray]:
 
 
 def _output(
-    service: ModelService, probabilities: np.ndarray, output: v2_codec.RequestedOutput
+    service: ModelVersion, probabilities: np.ndarray, output: v2_codec.RequestedOutput
 ) -> OutputTensor:
     if output.name != OUTPUT:
         raise InvalidRequest(f"unknown output {output.name!r}; the model gives {OUTPUT!r}")
     if not output.classification:
         return OutputTensor(OUTPUT, "FP32", list(probabilities.shape), probabilities)
-    assert service.classifier is not None
-    labels = service.classifier.info.labels
+    labels = service.info.labels
     k = min(output.classification, len(labels))
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     # As Triton writes them: "<value>:<index>:<label>", the value as C's %f.

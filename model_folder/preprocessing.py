@@ -1,9 +1,9 @@
 """Turn image bytes into the model's input array; shared by serving and training.
 
 The rules, applied in this order:
-- Formats: JPEG, PNG, GIF, BMP, WebP and TIFF; anything else is an InvalidImage.
+- Formats: JPEG, PNG, GIF, BMP, WebP and TIFF; anything else is an UndecodableImage.
 - Size: an image over `max_pixels` (width x height, read from the header before decoding)
-  is refused with PayloadTooLarge, so a decompression bomb never reaches memory.
+  is refused with ImageTooLarge, so a decompression bomb never reaches memory.
 - JPEG is decoded at reduced scale (Pillow's draft mode, 1/2 to 1/8) when the image is
   at least twice the input size: the DCT skips most of the work for photo uploads.
 - EXIF orientation is applied; of an animated image the first frame is used.
@@ -23,12 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from service.errors import InvalidImage, PayloadTooLarge
+from model_folder.errors import ImageTooLarge, UndecodableImage
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 RESAMPLE = Image.Resampling.BILINEAR
 REDUCING_GAP = 3.0
 DEFAULT_MAX_PIXELS = 25_000_000
+# Model input = uint8 value * rescale + offset, unless metadata.json says otherwise.
+DEFAULT_RESCALE = 1.0 / 255.0
+DEFAULT_OFFSET = 0.0
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -39,8 +42,8 @@ class InputSpec:
     height: int
     width: int
     channels: int
-    rescale: float = 1.0 / 255.0
-    offset: float = 0.0
+    rescale: float = DEFAULT_RESCALE
+    offset: float = DEFAULT_OFFSET
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -62,25 +65,25 @@ class InputSpec:
 def decode_image(data: bytes, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to a uint8 array of the spec's (height, width, channels)."""
     if not data:
-        raise InvalidImage("the upload is empty")
+        raise UndecodableImage("the upload is empty")
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PayloadTooLarge(f"image has more than {max_pixels} pixels") from None
+        raise ImageTooLarge(f"image has more than {max_pixels} pixels") from None
     except Exception:
-        raise InvalidImage(
+        raise UndecodableImage(
             "not a decodable image (accepted: " + ", ".join(ACCEPTED_FORMATS) + ")"
         ) from None
     with image:
         width, height = image.size
         if width * height > max_pixels:
-            raise PayloadTooLarge(
+            raise ImageTooLarge(
                 f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
             )
         try:
             return _decode(image, spec)
         except Exception:
-            raise InvalidImage(
+            raise UndecodableImage(
                 f"the {image.format} image is truncated or corrupt and cannot be decoded"
             ) from None
 

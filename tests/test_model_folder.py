@@ -1,4 +1,4 @@
-"""The model folder contract (service/model_dir.py): version choice, vetting, labels, metadata.
+"""The model folder contract (model_folder/): version discovery, vetting, labels, metadata.
 
 Each refusal test takes the real `to_json()` of the reference CNN and changes it in exactly one
 way, so it fails only if that one check is missing. `read()` checks the weights file exists but
@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from service import model_dir
-from service.errors import ModelLoadError
+from model_folder import files as model_dir
+from model_folder import repository
+from model_folder.errors import ModelFolderError
+from model_folder.repository import VersionPolicy
 from tests.conftest import LABELS, make_cnn
 
 
@@ -47,7 +49,7 @@ def layer(config: dict, class_name: str) -> dict:
 
 
 def read_error(folder: Path) -> str:
-    with pytest.raises(ModelLoadError) as caught:
+    with pytest.raises(ModelFolderError) as caught:
         model_dir.read(folder)
     return str(caught.value)
 
@@ -55,29 +57,42 @@ def read_error(folder: Path) -> str:
 # Version discovery
 
 
-def test_highest_numbered_version_wins_by_number_not_by_name(tmp_path, architecture):
-    for name in ("1", "2", "9", "10", "latest"):
+def test_only_numbered_folders_are_versions_ordered_by_number(tmp_path, architecture):
+    for name in ("1", "2", "9", "10", "latest", ".staging-x"):
         write_folder(tmp_path / name, architecture)
     (tmp_path / "11").write_text("a file, not a version folder")
-    assert model_dir.resolve(tmp_path) == tmp_path / "10"
-    assert model_dir.read(tmp_path).folder == tmp_path / "10"
+    entry = repository.scan_model(tmp_path)
+    assert sorted(entry.versions, key=int) == ["1", "2", "9", "10"]
+    assert entry.served_versions(VersionPolicy()) == ["10"]
+    assert entry.versions["10"].path == tmp_path / "10"
 
 
-def test_a_folder_holding_model_json_is_served_itself(tmp_path, architecture):
-    write_folder(tmp_path, architecture)
+def test_a_folder_holding_model_json_is_one_version_itself(tmp_path, architecture):
+    write_folder(tmp_path, architecture, metadata={"version": "4"})
     write_folder(tmp_path / "3", architecture)
-    assert model_dir.resolve(tmp_path) == tmp_path
+    entry = repository.scan_model(tmp_path)
+    assert list(entry.versions) == ["4"]
+    assert entry.versions["4"].path == tmp_path
 
 
-def test_a_folder_without_model_json_or_versions_is_refused(tmp_path):
+def test_a_folder_without_model_json_or_versions_has_no_version(tmp_path):
     (tmp_path / "latest").mkdir()
-    with pytest.raises(ModelLoadError, match="no numbered version folders"):
-        model_dir.resolve(tmp_path)
+    assert repository.scan_model(tmp_path).versions == {}
 
 
 def test_a_missing_folder_is_refused(tmp_path):
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        model_dir.resolve(tmp_path / "absent")
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        repository.scan_model_dir(tmp_path / "absent")
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        model_dir.read(tmp_path / "absent")
+
+
+def test_a_fingerprint_changes_when_a_file_of_the_version_does(tmp_path, architecture):
+    folder = write_folder(tmp_path / "1", architecture)
+    before = repository.scan_model(tmp_path).versions["1"].fingerprint
+    assert repository.scan_model(tmp_path).versions["1"].fingerprint == before
+    (folder / model_dir.WEIGHTS).write_bytes(b"more bytes than before")
+    assert repository.scan_model(tmp_path).versions["1"].fingerprint != before
 
 
 # Name and version
@@ -85,8 +100,9 @@ def test_a_missing_folder_is_refused(tmp_path):
 
 def test_name_and_version_default_to_the_folders(tmp_path, architecture):
     write_folder(tmp_path / "shapes" / "7", architecture)
-    files = model_dir.read(tmp_path / "shapes")
+    files = model_dir.read(tmp_path / "shapes" / "7")
     assert (files.name, files.version) == ("shapes", "7")
+    assert repository.scan_model_dir(tmp_path / "shapes").name == "shapes"
 
 
 def test_an_unversioned_folder_is_version_one_named_after_itself(tmp_path, architecture):
@@ -96,8 +112,19 @@ def test_an_unversioned_folder_is_version_one_named_after_itself(tmp_path, archi
 
 def test_metadata_name_and_version_override_the_folders(tmp_path, architecture):
     write_folder(tmp_path / "shapes" / "7", architecture, metadata={"name": "s", "version": 3})
-    files = model_dir.read(tmp_path / "shapes")
+    files = model_dir.read(tmp_path / "shapes" / "7")
     assert (files.name, files.version) == ("s", "3")
+    assert repository.scan_model_dir(tmp_path / "shapes").name == "s"
+
+
+def test_a_repository_names_each_model_by_its_folder(tmp_path, architecture):
+    write_folder(tmp_path / "shapes" / "1", architecture, metadata={"name": "other"})
+    write_folder(tmp_path / "digits", architecture)
+    (tmp_path / ".trash").mkdir()
+    models = repository.scan_repository(tmp_path)
+    assert sorted(models) == ["digits", "shapes"]
+    files = model_dir.read(models["shapes"].versions["1"].path, "shapes", "1")
+    assert files.name == "shapes", "the folder names the model, not its metadata"
 
 
 # Safety checks: each a single change to a real model.json
@@ -254,16 +281,28 @@ def test_color_mode_defaults_to_the_channels(tmp_path, architecture, metadata, c
     assert files.input_spec(28, 28, channels).color_mode == mode
 
 
-@pytest.mark.parametrize(
-    ("color_mode", "channels"), [("grayscale", 3), ("rgb", 1), ("bgr", 3), ("RGB", 3)]
-)
+@pytest.mark.parametrize(("color_mode", "channels"), [("grayscale", 3), ("rgb", 1)])
 def test_a_color_mode_that_does_not_fit_the_channels_is_refused(
     tmp_path, architecture, color_mode, channels
 ):
     metadata = {"input": {"color_mode": color_mode}}
     files = model_dir.read(write_folder(tmp_path, architecture, metadata=metadata))
-    with pytest.raises(ModelLoadError, match=f"color_mode {color_mode!r} does not fit"):
+    with pytest.raises(ModelFolderError, match=f"color_mode {color_mode!r} does not fit"):
         files.input_spec(32, 32, channels)
+
+
+@pytest.mark.parametrize("color_mode", ["bgr", "RGB"])
+def test_an_unknown_color_mode_is_refused_when_read(tmp_path, architecture, color_mode):
+    folder = write_folder(tmp_path, architecture, metadata={"input": {"color_mode": color_mode}})
+    assert "input color_mode must be one of" in read_error(folder)
+
+
+def test_an_input_size_other_than_the_models_is_refused(tmp_path, architecture):
+    metadata = {"input": {"height": 32, "width": 28, "channels": 3}}
+    files = model_dir.read(write_folder(tmp_path, architecture, metadata=metadata))
+    assert files.input_spec(32, 28, 3).shape == (32, 28, 3)
+    with pytest.raises(ModelFolderError, match=r"input \[32, 28, 3\] does not match"):
+        files.input_spec(32, 32, 3)
 
 
 @pytest.mark.parametrize(("color_mode", "channels"), [("grayscale", 1), ("rgb", 3)])
@@ -279,14 +318,14 @@ def test_a_color_mode_that_fits_the_channels_is_accepted(
     ("input_meta", "message"),
     [
         ([1, 2], "'input' must be an object"),
-        ({"rescale": "a lot"}, "bad 'input'"),
-        ({"offset": None}, "bad 'input'"),
+        ({"rescale": "a lot"}, "input 'rescale' must be a finite number"),
+        ({"offset": None}, "input 'offset' must be a finite number"),
+        ({"height": 0}, "input 'height' must be a positive integer"),
     ],
 )
 def test_bad_input_metadata_is_refused(tmp_path, architecture, input_meta, message):
-    files = model_dir.read(write_folder(tmp_path, architecture, metadata={"input": input_meta}))
-    with pytest.raises(ModelLoadError, match=message):
-        files.input_spec(32, 32, 3)
+    folder = write_folder(tmp_path, architecture, metadata={"input": input_meta})
+    assert message in read_error(folder)
 
 
 @pytest.mark.parametrize("metadata", [["name", "x"], "x", 3])
