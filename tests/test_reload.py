@@ -38,7 +38,9 @@ from tests.conftest import (
 )
 from tests.load import PeakRss, metric, scrape, worker_pids
 
-pytestmark = pytest.mark.slow
+# Each test starts a server and loads several versions: about 40 s here at most, so a
+# machine 5 times slower needs more than the suite's 300 s per test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SPEC = InputSpec(32, 32, 3)  # no metadata.json: pixels scaled by 1/255
 POLL = {"MODEL_POLL_S": "0.2"}
