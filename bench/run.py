@@ -203,21 +203,43 @@ def run_wrk(
     )
 
 
-def compute_limit(model_dir: Path, seconds: float) -> dict[int, float]:
-    """Time the model alone in-process at several batch sizes; return images/s by size."""
-    from service.runtime import load_classifier
+def compute_limit(model_dir: Path, seconds: float, backend: str) -> dict[int, float]:
+    """Time the model alone in-process on one Keras backend; return images/s by batch size."""
+    environment = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    output = subprocess.run(
+        [sys.executable, str(HERE / "compute_limit.py"), str(model_dir), str(seconds)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    report = json.loads(output.strip().splitlines()[-1])
+    return {int(size): rate for size, rate in report["rates"].items()}
 
-    classifier = load_classifier(model_dir, max_batch_size=128)
-    classifier.warm_up()
-    rates = {}
-    for size in (1, 32, 128):
-        inputs = np.random.default_rng(size).random((size, 32, 32, 3), dtype=np.float32)
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            classifier.predict_batch(inputs)
-            count += size
-        rates[size] = count / (time.perf_counter() - started)
-    return rates
+
+def decode_ms(payload: Payload, repeats: int = 50) -> float:
+    """Return the service's preprocessing time of one image of `payload`, in ms (in-process)."""
+    sys.path.insert(0, str(ROOT))
+    from model_folder.preprocessing import InputSpec, preprocess
+
+    data, spec = payload.path.read_bytes(), InputSpec(32, 32, 3)
+    preprocess(data, spec)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        preprocess(data, spec)
+    return (time.perf_counter() - started) / repeats * 1000
+
+
+def start_floor(port: int, workers: int, threads: int, folder: Path) -> subprocess.Popen:
+    """Start bench/floor_app.py under gunicorn gthread with the service's workers and threads."""
+    log = open(folder / "floor.log", "wb")  # noqa: SIM115 - lives as long as the server
+    command = [
+        sys.executable, "-m", "gunicorn", "-c", "python:bench.floor_app",
+        "-w", str(workers), "--threads", str(threads), "-b", f"127.0.0.1:{port}",
+        "bench.floor_app:app",
+    ]  # fmt: skip
+    return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
 
 
 def start_service(model_dir: Path, port: int, folder: Path, env: dict[str, str]):
@@ -241,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated levels")
     parser.add_argument(
+        "--backends", default="jax,tensorflow", help="Keras backends to serve on, default first"
+    )
+    parser.add_argument(
         "--env", action="append", default=[], help="extra service setting, e.g. WORKERS=2"
     )
     parser.add_argument("--skip-naive", action="store_true", help="skip the naive baseline")
@@ -248,15 +273,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("bench needs wrk (Debian package 'wrk')")
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = sorted({1, *(int(c) for c in args.concurrency.split(","))})
+    backends = args.backends.split(",")
     service_env = dict(item.split("=", 1) for item in args.env)
+    workers = int(service_env.get("WORKERS", 0)) or min(len(os.sched_getaffinity(0)), 8)
+    threads = int(service_env.get("THREADS", 16))
 
     with tempfile.TemporaryDirectory(prefix="cnn-bench-") as tmp:
         folder = Path(tmp)
         model_dir = write_reference_model(folder / "model")
         payloads = build_payloads(folder)
-        limits = compute_limit(model_dir, seconds=3.0)
+        limits = {backend: compute_limit(model_dir, 3.0, backend) for backend in backends}
+        decode = {payload.name: decode_ms(payload) for payload in payloads[:2]}
         results: list[Result] = []
+        startup: dict[str, float] = {}
+        memory: dict[str, float] = {}
+
+        port = free_port()
+        floor = start_floor(port, workers, threads, folder)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready_naive(url, floor)
+            for payload in payloads:
+                for level in levels:
+                    results.append(run_wrk(url, payload, level, args.duration, "floor", False))
+        finally:
+            stop(floor)
 
         if not args.skip_naive:
             port = free_port()
@@ -268,36 +310,119 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 url = f"http://127.0.0.1:{port}"
                 wait_ready_naive(url, naive)
-                results.append(run_wrk(url, payloads[0], 8, args.duration, "naive", False))
+                for payload in payloads[:2]:
+                    results.append(run_wrk(url, payload, 8, args.duration, "naive", False))
             finally:
                 stop(naive)
 
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        service = start_service(model_dir, port, folder, service_env)
-        try:
-            startup_s = wait_ready(url + "/readyz", service)
-            for payload in payloads:
-                for level in levels:
-                    results.append(run_wrk(url, payload, level, args.duration, "service", True))
-            memory_mb = peak_memory_mb(service.pid)
-        finally:
-            stop(service)
+        for backend in backends:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            env = {**service_env, "KERAS_BACKEND": backend}
+            service = start_service(model_dir, port, folder, env)
+            try:
+                startup[backend] = wait_ready(url + "/readyz", service)
+                for payload in payloads:
+                    for level in levels:
+                        results.append(
+                            run_wrk(url, payload, level, args.duration, f"service-{backend}", True)
+                        )
+                memory[backend] = peak_memory_mb(service.pid)
+            finally:
+                stop(service)
 
-    print_report(results, limits, startup_s, memory_mb, service_env)
+    targets = evaluate_targets(results, limits, decode, startup, backends)
+    print_report(results, limits, decode, startup, memory, service_env, targets)
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
                     "results": [r.__dict__ for r in results],
                     "compute_limit": limits,
-                    "startup_s": startup_s,
-                    "peak_memory_mb": memory_mb,
+                    "decode_ms": decode,
+                    "startup_s": startup,
+                    "peak_memory_mb": memory,
+                    "targets": targets,
                 },
                 indent=2,
             )
         )
     return 0
+
+
+def best(results: list[Result], server: str, payload: str) -> Result | None:
+    """Return the run of `server` on `payload` with the most images/s."""
+    runs = [r for r in results if r.server == server and r.payload == payload]
+    return max(runs, key=lambda r: r.images_per_s, default=None)
+
+
+def at(results: list[Result], server: str, payload: str, concurrency: int) -> Result | None:
+    return next(
+        (
+            r
+            for r in results
+            if (r.server, r.payload, r.concurrency) == (server, payload, concurrency)
+        ),
+        None,
+    )
+
+
+def evaluate_targets(
+    results: list[Result],
+    limits: dict[str, dict[int, float]],
+    decode: dict[str, float],
+    startup: dict[str, float],
+    backends: list[str],
+) -> list[dict]:
+    """Return issue 13's targets for each backend served: measured, bound, ratio, met."""
+    limit = max(rate for rates in limits.values() for rate in rates.values())
+    floor_png = best(results, "floor", "png32")
+    floor_c1 = at(results, "floor", "png32", 1)
+    naive_jpeg = best(results, "naive", "jpeg640x480")
+    targets = []
+
+    def target(backend: str, name: str, measured: float, reference: float, needed: str) -> None:
+        # `needed`: ">=0.75" or "<=1": the ratio measured / reference it must reach.
+        ratio = measured / reference if reference else float("nan")
+        bound = float(needed[2:])
+        met = ratio >= bound if needed.startswith(">=") else ratio <= bound
+        targets.append(
+            {
+                "backend": backend,
+                "target": name,
+                "measured": measured,
+                "reference": reference,
+                "ratio": ratio,
+                "needed": needed,
+                "met": bool(met),
+            }
+        )
+
+    for backend in backends:
+        server = f"service-{backend}"
+        png, jpeg = best(results, server, "png32"), best(results, server, "jpeg640x480")
+        many, c1 = best(results, server, "16xpng32"), at(results, server, "png32", 1)
+        if png and floor_png:
+            ceiling = 1 / (1 / floor_png.requests_per_s + 1 / limit)
+            target(backend, "png32 req/s / stack ceiling", png.requests_per_s, ceiling, ">=0.75")
+        if jpeg and naive_jpeg:
+            target(backend, "jpeg640x480 req/s / naive server", jpeg.requests_per_s,
+                   naive_jpeg.requests_per_s, ">=2")  # fmt: skip
+        if many:
+            target(backend, "16xpng32 images/s / compute limit", many.images_per_s, limit,
+                   ">=0.75")  # fmt: skip
+        if c1 and floor_c1:
+            forward_ms = 1000 / limits[backend][1]
+            target(backend, "p50 c=1 / (floor p50 + batch-1 forward + 1 ms)", c1.p50_ms,
+                   floor_c1.p50_ms + forward_ms + 1, "<=1")  # fmt: skip
+        if "tensorflow" in startup and backend in startup:
+            target(backend, "ready s / the TensorFlow service's", startup[backend],
+                   startup["tensorflow"], "<=0.5")  # fmt: skip
+    best_runtime = max(limits, key=lambda b: max(limits[b].values()))
+    shipped = backends[0]
+    target(shipped, f"compute limit / the best runtime's ({best_runtime})",
+           max(limits[shipped].values()), limit, ">=1")  # fmt: skip
+    return targets
 
 
 def wait_ready_naive(url: str, process: subprocess.Popen) -> None:
@@ -316,21 +441,31 @@ def wait_ready_naive(url: str, process: subprocess.Popen) -> None:
 
 def print_report(
     results: list[Result],
-    limits: dict[int, float],
-    startup_s: float,
-    memory_mb: float,
+    limits: dict[str, dict[int, float]],
+    decode: dict[str, float],
+    startup: dict[str, float],
+    memory: dict[str, float],
     env: dict[str, str],
+    targets: list[dict],
 ) -> None:
     cpu = platform.processor() or platform.machine()
     print(f"\nMachine: {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}")
     if env:
         print("Service settings: " + ", ".join(f"{k}={v}" for k, v in env.items()))
-    best_limit = max(limits.values())
+    for backend, rates in limits.items():
+        print(
+            f"Compute limit on {backend} (model alone, in-process): "
+            + ", ".join(f"batch {b}: {r:,.0f} images/s" for b, r in rates.items())
+        )
     print(
-        "Compute limit (model alone, in-process): "
-        + ", ".join(f"batch {b}: {r:,.0f} images/s" for b, r in limits.items())
+        "Preprocessing of one image (in-process): "
+        + ", ".join(f"{name} {ms:.2f} ms" for name, ms in decode.items())
     )
-    print(f"Start-up to ready: {startup_s:.1f} s; peak memory (all processes): {memory_mb:.0f} MB")
+    for backend, seconds in startup.items():
+        print(
+            f"Service on {backend}: ready {seconds:.1f} s after start; peak memory (all "
+            f"processes) {memory.get(backend, 0):.0f} MB"
+        )
     print()
     print(
         "| server | payload | concurrency | images/s | requests/s | p50 ms | p99 ms | errors "
@@ -343,18 +478,13 @@ def print_report(
             f"| {r.server} | {r.payload} | {r.concurrency} | {r.images_per_s:,.0f} | "
             f"{r.requests_per_s:,.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {batch} |"
         )
-    naive = next((r for r in results if r.server == "naive"), None)
     print()
-    for name in dict.fromkeys(r.payload for r in results if r.server == "service"):
-        best = max(
-            (r for r in results if r.server == "service" and r.payload == name),
-            key=lambda r: r.images_per_s,
-        )
-        ratios = f"{best.images_per_s / best_limit:.0%} of the compute limit"
-        if naive is not None and name == naive.payload and naive.images_per_s > 0:
-            ratios += f", {best.images_per_s / naive.images_per_s:.0f}x the naive server"
+    print("| backend | target | measured | reference | ratio | needed | met |")
+    print("|---|---|---:|---:|---:|---|---|")
+    for t in targets:
         print(
-            f"- {name}: best {best.images_per_s:,.0f} images/s at c={best.concurrency} ({ratios})"
+            f"| {t['backend']} | {t['target']} | {t['measured']:,.1f} | {t['reference']:,.1f} | "
+            f"{t['ratio']:.2f} | {t['needed']} | {'yes' if t['met'] else 'NO'} |"
         )
 
 

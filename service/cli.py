@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"cnn-serve: error: {exc}", file=sys.stderr)
         return 2
-    if missing := missing_tensorflow():
+    if settings.keras_backend == "tensorflow" and (missing := missing_tensorflow()):
         print(f"cnn-serve: error: {missing}", file=sys.stderr)
         return 1
     # The workers' environment, taken before the check below switches Keras's backend.

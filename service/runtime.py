@@ -1,9 +1,11 @@
-"""The model runtime: the one module of the service that imports Keras and TensorFlow.
+"""The model runtime: the one module of the service that imports Keras, TensorFlow and JAX.
 
-Workers run Keras on its TensorFlow backend. The launcher imports this module on Keras's numpy
-backend instead (`cnn-serve` sets KERAS_BACKEND first): `check_model` builds and vets the model
-there without TensorFlow, so a bad model stops start-up within seconds, and TensorFlow is
-imported once per worker rather than once more in the launcher.
+Workers run Keras on the backend KERAS_BACKEND names: `tensorflow` (one `tf.function` graph
+per padded batch size) or `jax` (one `jax.jit`-compiled `stateless_call` per padded batch
+size, compiled ahead of time). The same model.json and weights load into either. The launcher
+imports this module on Keras's numpy backend instead (`cnn-serve` sets KERAS_BACKEND first):
+`check_model` builds and vets the model there, so a bad model stops start-up within seconds,
+and the serving backend is imported once per worker rather than once more in the launcher.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from model_folder import files as model_files
 from model_folder.errors import ModelFolderError
 from model_folder.files import ModelFiles, ModelInfo
 from model_folder.preprocessing import InputSpec
+from service.settings import SERVING_BACKENDS
 
 
 @contextlib.contextmanager
@@ -38,11 +41,17 @@ def _native_stderr_discarded() -> Iterator[None]:
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# JAX maps 75% of a GPU's memory when it starts; this allocates as needed instead, as
+# TensorFlow's memory growth does, so that several workers share a card.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 with _native_stderr_discarded():
     import keras
 
-    if keras.backend.backend() == "tensorflow":
+    BACKEND = keras.backend.backend()
+    if BACKEND == "tensorflow":
         import tensorflow as tf
+    elif BACKEND == "jax":
+        import jax
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +66,10 @@ class Classifier:
         self.info = info
         self.batch_sizes = padded_batch_sizes(max_batch_size)
         self._model = model
-        self._apply_softmax = not ends_in_softmax(model)
-        # One concrete graph per padded batch size, traced once here and reused for every batch.
-        forward = tf.function(self._call)
-        self._graphs = {
-            size: forward.get_concrete_function(
-                tf.TensorSpec((size, *info.input_shape), tf.float32)
-            )
-            for size in self.batch_sizes
-        }
+        compile_forwards = _jax_forwards if BACKEND == "jax" else _tensorflow_forwards
+        self._forwards = compile_forwards(
+            model, not ends_in_softmax(model), self.batch_sizes, info.input_shape, info.device
+        )
 
     @property
     def max_batch_size(self) -> int:
@@ -81,18 +85,75 @@ class Classifier:
         if size != count:
             padding = np.zeros((size - count, *inputs.shape[1:]), dtype=np.float32)
             inputs = np.concatenate([inputs, padding])
-        with tf.device(self.info.device):
-            outputs = self._graphs[size](tf.constant(inputs, dtype=tf.float32))
-        return outputs.numpy()[:count]
+        return self._forwards[size](np.ascontiguousarray(inputs, dtype=np.float32))[:count]
 
     def warm_up(self) -> None:
-        """Trace and run the graph of every padded batch size once."""
+        """Run the forward pass of every padded batch size once."""
         for size in self.batch_sizes:
             self.predict_batch(np.zeros((size, *self.info.input_shape), dtype=np.float32))
 
-    def _call(self, inputs: tf.Tensor) -> tf.Tensor:
-        outputs = self._model(inputs, training=False)
-        return tf.nn.softmax(outputs) if self._apply_softmax else outputs
+
+Forward = Callable[[np.ndarray], np.ndarray]
+
+
+def _tensorflow_forwards(
+    model: keras.Model,
+    softmax: bool,
+    sizes: tuple[int, ...],
+    shape: tuple[int, int, int],
+    device: str,
+) -> dict[int, Forward]:
+    """Return one forward pass per batch size: a concrete graph, traced once here."""
+
+    def call(inputs: tf.Tensor) -> tf.Tensor:
+        outputs = model(inputs, training=False)
+        return tf.nn.softmax(outputs) if softmax else outputs
+
+    traced = tf.function(call)
+
+    def forward_of(size: int) -> Forward:
+        graph = traced.get_concrete_function(tf.TensorSpec((size, *shape), tf.float32))
+
+        def forward(inputs: np.ndarray) -> np.ndarray:
+            with tf.device(device):
+                return graph(tf.constant(inputs)).numpy()
+
+        return forward
+
+    return {size: forward_of(size) for size in sizes}
+
+
+def _jax_forwards(
+    model: keras.Model,
+    softmax: bool,
+    sizes: tuple[int, ...],
+    shape: tuple[int, int, int],
+    device: str,
+) -> dict[int, Forward]:
+    """Return one forward pass per batch size: `stateless_call`, compiled ahead of time here.
+
+    The weights are passed in as arguments rather than captured, so XLA does not fold them
+    into each compiled program as constants.
+    """
+    trainable = [variable.value for variable in model.trainable_variables]
+    non_trainable = [variable.value for variable in model.non_trainable_variables]
+
+    def call(trainable: list, non_trainable: list, inputs: jax.Array) -> jax.Array:
+        outputs, _ = model.stateless_call(trainable, non_trainable, inputs, training=False)
+        return jax.nn.softmax(outputs) if softmax else outputs
+
+    jitted = jax.jit(call)
+
+    def forward_of(size: int) -> Forward:
+        example = jax.ShapeDtypeStruct((size, *shape), np.float32)
+        compiled = jitted.lower(trainable, non_trainable, example).compile()
+
+        def forward(inputs: np.ndarray) -> np.ndarray:
+            return np.asarray(compiled(trainable, non_trainable, inputs))
+
+        return forward
+
+    return {size: forward_of(size) for size in sizes}
 
 
 def padded_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -132,6 +193,16 @@ def configure_tensorflow(intra_op_threads: int = 0) -> str:
         with contextlib.suppress(RuntimeError):
             tf.config.experimental.set_memory_growth(gpu, True)
     return "/GPU:0" if gpus else "/CPU:0"
+
+
+@functools.cache
+def configure_jax(intra_op_threads: int = 0) -> str:
+    """Return the device JAX runs on: its first GPU if it has one, else the CPU.
+
+    XLA sizes its CPU thread pool by the machine's cores; TF_INTRA_OP_THREADS does not apply.
+    """
+    platform = jax.devices()[0].platform
+    return "/GPU:0" if platform in ("gpu", "cuda", "rocm") else "/CPU:0"
 
 
 def check_model(
@@ -183,11 +254,12 @@ def load_classifier(
     version: str | None = None,
 ) -> Classifier:
     """Load the model folder `folder` for serving; max_batch_size 0: the device's default."""
-    if keras.backend.backend() != "tensorflow":
+    if BACKEND not in SERVING_BACKENDS:
         raise ModelFolderError(
-            f"the service runs Keras on TensorFlow, not KERAS_BACKEND={keras.backend.backend()}"
+            f"the service runs Keras on tensorflow or jax, not KERAS_BACKEND={BACKEND}"
         )
-    device = configure_tensorflow(intra_op_threads).strip("/")
+    configure = configure_jax if BACKEND == "jax" else configure_tensorflow
+    device = configure(intra_op_threads).strip("/")
     model, files, spec = check_model(folder, name, version)
     info = ModelInfo(files.name, files.version, files.labels, spec, device)
     return Classifier(model, info, max_batch_size or DEFAULT_MAX_BATCH_SIZE[device.split(":")[0]])

@@ -15,6 +15,8 @@ from model_folder.repository import VersionPolicy
 MAX_AUTO_WORKERS = 8
 # Seconds a stopping worker is given, past its last request's lifetime, to finish exiting.
 GRACEFUL_MARGIN_S = 5
+# Keras backends a worker serves on (service/runtime.py).
+SERVING_BACKENDS = ("tensorflow", "jax")
 # The model served when neither MODEL_DIR nor MODEL_REPOSITORY is set: `make run`'s demo.
 DEFAULT_MODEL_DIR = "models/shapes"
 
@@ -37,6 +39,9 @@ class Settings:
     model_version_policy: str = "latest"
     # Seconds between scans for new, changed or removed versions; 0: only on SIGHUP.
     model_poll_s: float = 5.0
+    # Keras's backend in the workers: tensorflow or jax. The same model files load into
+    # either, and the answers agree within 1e-5.
+    keras_backend: str = "tensorflow"
     # Address and port gunicorn binds.
     host: str = "0.0.0.0"
     port: int = 8080
@@ -106,6 +111,11 @@ class Settings:
             raise SettingsError(
                 "MODEL_DIR and MODEL_REPOSITORY are both set; set MODEL_DIR for one model or "
                 "MODEL_REPOSITORY for a folder of models"
+            )
+        if self.keras_backend not in SERVING_BACKENDS:
+            raise SettingsError(
+                f"KERAS_BACKEND must be one of {', '.join(SERVING_BACKENDS)}, "
+                f"got {self.keras_backend!r}"
             )
         try:
             VersionPolicy.parse(self.model_version_policy)
