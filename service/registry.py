@@ -175,6 +175,16 @@ class Models:
             )
             return status.served
 
+    def end(self, served: ModelVersion) -> None:
+        """Mark a retired version END, unless its number has been published again since."""
+        info = served.info
+        with self._lock:
+            status = self._versions.get(info.name, {}).get(info.version)
+            if status is not None and status.served is served:
+                self._versions[info.name][info.version] = VersionStatus(
+                    info.name, info.version, State.END
+                )
+
     def set_labels(self, model: str, labels: dict[str, str]) -> None:
         """Set a model's version labels (`stable` -> "2")."""
         with self._lock:

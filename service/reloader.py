@@ -355,7 +355,7 @@ class ModelManager:
                 extra={"model": info.name, "version": info.version},
             )
         served.close(timeout=lifetime_s)
-        self.models.set_state(info.name, info.version, State.END)
+        self.models.end(served)
         del served
         # Its objects were frozen with the rest when it loaded: unfreeze to free them.
         # A model's objects hold each other in cycles (about 6,000 for the reference CNN):

@@ -196,3 +196,14 @@ def test_one_model_may_use_every_thread():
     only = version("m", "1")
     models = registry(only, threads=4)
     assert [models.acquire("m") for _ in range(4)]
+
+
+def test_a_version_published_again_while_the_old_copy_unloads_stays_available():
+    old, again = version("m", "2"), version("m", "2")
+    models = registry(old)
+    assert models.retire("m", "2") is old
+    models.publish(again)  # its folder came back and loaded before the old copy was freed
+    models.end(old)
+    assert models.find("m", "2") is again
+    models.end(again)
+    assert [s.state for s in models.statuses("m")] == [State.END]
