@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from model_folder.errors import ModelFolderError
+from model_folder.json_file import read_json, read_text
 from model_folder.metadata import Metadata
 from model_folder.preprocessing import InputSpec
 
@@ -79,7 +80,7 @@ def read(folder: Path, name: str | None = None, version: str | None = None) -> M
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(f"{folder}: model folder does not exist")
-    architecture = _read_text(folder / MODEL_JSON)
+    architecture = read_text(folder / MODEL_JSON)
     try:
         config = json.loads(architecture)
     except json.JSONDecodeError as exc:
@@ -93,7 +94,7 @@ def read(folder: Path, name: str | None = None, version: str | None = None) -> M
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise ModelFolderError(f"{weights}: weights file is missing")
-    labels = _read_json(folder / LABELS)
+    labels = read_json(folder / LABELS)
     if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
         raise ModelFolderError(f"{folder / LABELS}: must be a non-empty JSON array of strings")
     if len(set(labels)) != len(labels):
@@ -124,19 +125,3 @@ def refuse_unsafe_objects(config: Any, source: Path) -> None:
             )
     for value in config.values():
         refuse_unsafe_objects(value, source)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ModelFolderError(f"{path}: file is missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelFolderError(f"{path}: cannot be read ({exc})") from None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None

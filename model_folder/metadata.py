@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from model_folder.errors import ModelFolderError
+from model_folder.json_file import read_json
 from model_folder.preprocessing import DEFAULT_OFFSET, DEFAULT_RESCALE, InputSpec
 
 COLOR_MODES = ("grayscale", "rgb")
@@ -116,12 +117,7 @@ class Metadata:
         """Read metadata.json at `path`; a missing file is empty metadata."""
         if not path.exists():
             return cls()
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ModelFolderError(f"{path}: cannot be read ({exc})") from None
-        except json.JSONDecodeError as exc:
-            raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None
+        document = read_json(path)
         return cls.from_json(document, path)
 
     def write(self, path: Path) -> None:

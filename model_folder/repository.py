@@ -13,7 +13,6 @@ version being written under any other name (training stages in `.staging-*`) is 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from model_folder.errors import ModelFolderError
 from model_folder.files import METADATA, MODEL_JSON
+from model_folder.json_file import read_json
 from model_folder.metadata import Metadata
 
 CONFIG = "config.json"
@@ -83,12 +83,7 @@ class ModelConfig:
         """Read config.json at `path`; a missing file is the default config."""
         if not path.exists():
             return cls()
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ModelFolderError(f"{path}: cannot be read ({exc})") from None
-        except json.JSONDecodeError as exc:
-            raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None
+        document = read_json(path)
         if not isinstance(document, dict) or set(document) - {"version_policy", "labels"}:
             raise ModelFolderError(f'{path}: must be {{"version_policy": ..., "labels": {{...}}}}')
         policy = document.get("version_policy")
@@ -169,7 +164,7 @@ def scan_model_dir(folder: Path, name: str | None = None) -> ModelEntry:
         raise ModelFolderError(f"{folder}: model folder does not exist")
     entry = scan_model(folder, name)
     if name is None and entry.versions:
-        newest = max(entry.versions.values(), key=lambda f: version_number(f.version))
+        newest = max(entry.versions.values(), key=lambda f: version_key(f.version))
         try:
             metadata_name = Metadata.read(newest.path / METADATA).name
         except ModelFolderError:
@@ -179,9 +174,9 @@ def scan_model_dir(folder: Path, name: str | None = None) -> ModelEntry:
     return entry
 
 
-def version_number(version: str) -> int:
-    """Return a version's number for ordering (a version that is no number sorts first)."""
-    return int(version) if version.isdigit() else -1
+def version_key(version: str) -> tuple[int, str]:
+    """Sort versions by number (a version that is no number sorts first, by name)."""
+    return (int(version), "") if version.isdigit() else (-1, version)
 
 
 def scan_repository(repository: Path) -> dict[str, ModelEntry]:
