@@ -119,7 +119,7 @@ def check_models(settings: Settings) -> list[ModelFiles]:
             )
         for message in refused.values():
             print(f"cnn-serve: warning: version refused: {message}", file=sys.stderr)
-        checked.extend(passed[v] for v in sorted(passed, key=repository.version_number))
+        checked.extend(passed[v] for v in sorted(passed, key=repository.version_key))
     return checked
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
+from model_folder.repository import version_key
 from service.errors import ModelNotFound, ModelNotReady, Overloaded
 from service.inference import ModelVersion
 
@@ -35,11 +36,6 @@ class VersionStatus:
     state: State
     error: str = ""
     served: ModelVersion | None = None
-
-
-def version_key(version: str) -> tuple[int, str]:
-    """Sort versions by number (a version that is no number sorts first, by name)."""
-    return (int(version), "") if version.isdigit() else (-1, version)
 
 
 class Models:

@@ -86,7 +86,6 @@ class ModelManager:
         self._refused: dict[tuple[str, str], _Refusal] = {}
         self._seen: dict[tuple[str, str], tuple[tuple[str, int, int], ...]] = {}
         self._config_errors: dict[str, str] = {}
-        self._unloading: list[threading.Thread] = []
         self._scan_error = ""
         self._dir_model_name = ""  # MODEL_DIR's model keeps the name its first scan found
 
@@ -343,7 +342,6 @@ class ModelManager:
         thread = threading.Thread(
             target=self._unload, args=(served,), name=f"unload-{name}-{version}", daemon=True
         )
-        self._unloading = [t for t in self._unloading if t.is_alive()] + [thread]
         thread.start()
 
     def _unload(self, served: ModelVersion) -> None:
@@ -370,13 +368,6 @@ class ModelManager:
                 "gc_s": round(time.monotonic() - collecting, 3),
             },
         )
-
-    def wait_unloaded(self, timeout: float) -> bool:
-        """Wait for the versions being unloaded now to be freed; tell whether they are."""
-        deadline = time.monotonic() + timeout
-        for thread in list(self._unloading):
-            thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self._unloading)
 
     def _load_with_keras(self, folder: Path, name: str, version: str) -> ModelVersion:
         from service.runtime import load_classifier  # the only path into Keras

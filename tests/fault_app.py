@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_folder.repository import scan_model_dir, version_number
+from model_folder.repository import scan_model_dir, version_key
 from service.app import create_app
 from service.runtime import load_classifier
 from service.settings import Settings
@@ -84,7 +84,7 @@ def create():
     """Build the service app around the misbehaving model."""
     settings = Settings.from_env()
     entry = scan_model_dir(settings.model_path)
-    newest = max(entry.versions.values(), key=lambda folder: version_number(folder.version))
+    newest = max(entry.versions.values(), key=lambda folder: version_key(folder.version))
     inner = load_classifier(
         newest.path,
         settings.max_batch_size,
