@@ -288,3 +288,33 @@ def png_bomb(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
     )
+
+
+def run_python(
+    args: list[str],
+    tmp_path: Path | None = None,
+    hide_tensorflow: bool = False,
+    timeout_s: float = 300,
+    **env: str,
+) -> subprocess.CompletedProcess:
+    """Run this interpreter on `args` from the repository root, with KERAS_BACKEND unset
+    unless `env` sets it; return the finished process."""
+    path = [str(ROOT)]
+    if hide_tensorflow:
+        assert tmp_path is not None
+        # As if TensorFlow were not installed: an import of it fails, find_spec finds nothing.
+        site = tmp_path / "no-tensorflow"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text('import sys\nsys.modules["tensorflow"] = None\n')
+        path.insert(0, str(site))
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    environment.pop("KERAS_BACKEND", None)
+    return subprocess.run(
+        [sys.executable, *args],
+        env={**environment, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )

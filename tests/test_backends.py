@@ -7,16 +7,20 @@ server); the TensorFlow side runs here. Both sides get the same inputs.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from tests.conftest import LABELS, ROOT, distinct_images, expected_probabilities, write_model
+from tests.conftest import (
+    LABELS,
+    distinct_images,
+    expected_probabilities,
+    run_python,
+    write_model,
+)
 from tests.load import only_worker
 
 pytestmark = pytest.mark.slow
@@ -36,16 +40,7 @@ print(json.dumps({"backend": BACKEND, "device": classifier.info.device,
 
 
 def run_on_jax(script: str, *args: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-c", script, *args],
-        env=environment,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_python(["-c", script, *args], KERAS_BACKEND="jax")
 
 
 def test_jax_and_tensorflow_give_the_same_probabilities_within_1e_5(tmp_path, model_dir):

@@ -3,38 +3,11 @@ model check, which must not import TensorFlow (each worker does that once)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import LABELS, ROOT, write_model
+from tests.conftest import LABELS, run_python, write_model
 
 pytestmark = pytest.mark.slow
-
-
-def run_python(args: list[str], tmp_path: Path, hide_tensorflow: bool = False):
-    """Run this interpreter on `args` from the repository root; return the finished process."""
-    path = [str(ROOT)]
-    if hide_tensorflow:
-        # As if TensorFlow were not installed: an import of it fails, find_spec finds nothing.
-        site = tmp_path / "no-tensorflow"
-        site.mkdir(exist_ok=True)
-        (site / "sitecustomize.py").write_text('import sys\nsys.modules["tensorflow"] = None\n')
-        path.insert(0, str(site))
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    environment.pop("KERAS_BACKEND", None)
-    return subprocess.run(
-        [sys.executable, *args],
-        env=environment,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize(
@@ -103,28 +76,15 @@ def test_a_broken_newest_version_is_reported_and_the_one_before_is_served(tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("arguments", "environment", "expected"),
+    ("environment", "expected"),
     [
-        (
-            [],
-            {"MODEL_DIR": "a", "MODEL_REPOSITORY": "b"},
-            "MODEL_DIR and MODEL_REPOSITORY are both",
-        ),
-        ([], {"MODEL_VERSION_POLICY": "newest"}, "version policy 'newest' is not one of"),
-        ([], {"MODEL_POLL_S": "-1"}, "MODEL_POLL_S must not be negative"),
+        ({"MODEL_DIR": "a", "MODEL_REPOSITORY": "b"}, "MODEL_DIR and MODEL_REPOSITORY are both"),
+        ({"MODEL_VERSION_POLICY": "newest"}, "version policy 'newest' is not one of"),
+        ({"MODEL_POLL_S": "-1"}, "MODEL_POLL_S must not be negative"),
     ],
 )
-def test_bad_model_settings_stop_start_up_with_one_line(tmp_path, arguments, environment, expected):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **environment}
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "--check", *arguments],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def test_bad_model_settings_stop_start_up_with_one_line(tmp_path, environment, expected):
+    result = run_python(["-m", "service", "--check"], timeout_s=120, **environment)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("cnn-serve: error: ") and expected in line

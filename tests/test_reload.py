@@ -36,7 +36,7 @@ from tests.conftest import (
     make_cnn,
     write_model,
 )
-from tests.load import PeakRss, metric, scrape, worker_pids
+from tests.load import PeakRss, metric, scrape, wait_for_ready_workers, worker_pids
 
 # Each test starts a server and loads several versions: about 40 s here at most, so a
 # machine 5 times slower needs more than the suite's 300 s per test.
@@ -395,6 +395,8 @@ def test_sighup_loads_a_new_version_at_once_with_polling_off(server_factory, tmp
     repository = tmp_path / "repo"
     publish(repository / "shapes", 1, make_cnn(seed=1))
     server = repository_server(server_factory, repository, MODEL_POLL_S="0", WORKERS="2")
+    # Both workers past their start-up scan: one still starting would load version 2 itself.
+    wait_for_ready_workers(server.url, 2, within_s=120)
     data = distinct_images(1)[0]
     publish(repository / "shapes", 2, make_cnn(seed=2))
     time.sleep(2.0)
