@@ -164,3 +164,46 @@ def test_max_batch_size_zero_is_the_devices_default_and_any_other_is_kept(good):
     # An explicit value is never raised or lowered, on a CPU or a GPU alike.
     for explicit in (8, 48):
         assert load_classifier(good, max_batch_size=explicit).max_batch_size == explicit
+
+
+def test_every_value_comes_from_the_weights_file_not_an_initializer(tmp_path):
+    # BatchNormalization's moving statistics start as zeros and ones; set to other values,
+    # they show whether the served model reads them all from the file.
+    import keras
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(4, (3, 3)),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    rng = np.random.default_rng(3)
+    model.set_weights([rng.uniform(0.5, 2.0, w.shape).astype(w.dtype) for w in model.get_weights()])
+    classifier = load_classifier(write_model(tmp_path / "bn", model, LABELS), max_batch_size=2)
+    inputs = rng.random((2, 32, 32, 3), dtype=np.float32)
+    expected = np.asarray(model(inputs, training=False))
+    np.testing.assert_allclose(classifier.predict_batch(inputs), expected, atol=1e-5)
+
+
+def test_a_batch_is_padded_past_a_compiled_size_that_is_slower_than_the_next(good, cnn):
+    import time
+
+    classifier = load_classifier(good, max_batch_size=8)
+    assert classifier.padded_size(3) == 4  # before warm-up: the smallest size that holds it
+    fast = classifier._forwards[4]
+
+    def slow(inputs):
+        time.sleep(0.3)  # far above what a forward pass of 8 takes, on any machine
+        return fast(inputs)
+
+    classifier._forwards[4] = slow
+    classifier.warm_up()
+    assert classifier.padded_size(3) == classifier.padded_size(4) == 8
+    assert all(classifier.padded_size(n) != 4 for n in range(1, 9))
+    inputs = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
+    expected = np.asarray(cnn(inputs, training=False))
+    np.testing.assert_allclose(classifier.predict_batch(inputs), expected, atol=1e-5)
