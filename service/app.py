@@ -31,8 +31,9 @@ from service.reloader import ModelManager
 from service.settings import Settings
 
 # Set by the gunicorn worker (service.worker): the monotonic time the request's first byte
-# arrived, where its one deadline starts.
+# arrived, where its one deadline starts, and whether its whole body is already in memory.
 ARRIVED_AT = "cnn_serving.arrived_at"
+BODY_BUFFERED = "cnn_serving.body_buffered"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ID_COUNTER = itertools.count()
@@ -109,8 +110,10 @@ def _begin_request() -> None:
     g.deadline = arrived_at + _timeout_s(settings.request_timeout_s)
     sock = request.environ.get("gunicorn.socket")
     if sock is not None:
+        # A body already buffered needs no watch on its socket, only the framing checks.
+        watched = None if request.environ.get(BODY_BUFFERED) else sock
         request.environ["wsgi.input"] = BodyWithDeadline(
-            request.environ["wsgi.input"], sock, g.deadline
+            request.environ["wsgi.input"], watched, g.deadline
         )
 
 

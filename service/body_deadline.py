@@ -96,7 +96,8 @@ class BodyWithDeadline:
     """The request body stream, raising RequestTimeout once the request's deadline passes,
     and MalformedBody where gunicorn finds the body's framing broken."""
 
-    def __init__(self, stream: Any, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, stream: Any, sock: socket.socket | None, deadline: float) -> None:
+        """Wrap `stream`; `sock` None: the body is already buffered, so nothing can block."""
         self._stream = stream
         self._sock = sock
         self._deadline = deadline
@@ -112,11 +113,11 @@ class BodyWithDeadline:
     def _within_deadline(self, method: Any, size: int) -> bytes:
         if time.monotonic() >= self._deadline:
             raise RequestTimeout("the request body did not arrive in time")
-        entry = WATCHDOG.watch(self._sock, self._deadline)
+        entry = WATCHDOG.watch(self._sock, self._deadline) if self._sock is not None else None
         try:
             data = method(size)
         except Exception as exc:
-            if WATCHDOG.release(entry):
+            if entry is not None and WATCHDOG.release(entry):
                 raise RequestTimeout("the request body did not arrive in time") from None
             if isinstance(exc, ParseException):
                 # gunicorn decodes the chunked framing as the app reads: a fault found there
@@ -124,6 +125,6 @@ class BodyWithDeadline:
                 # frame as a next request).
                 raise MalformedBody(f"malformed request body: {exc}") from None
             raise
-        if WATCHDOG.release(entry):
+        if entry is not None and WATCHDOG.release(entry):
             raise RequestTimeout("the request body did not arrive in time")
         return data

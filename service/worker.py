@@ -180,6 +180,7 @@ class _Conn(TConn):
         self.deadline_key = 0
         self.registered = False
         self.arrived: bytes | None = None  # a request read whole, for the thread to parse
+        self.body_buffered = False  # whether `arrived` holds the whole body, not only a start
         self.sent_continue = False
         self.linger_left: int | None = None  # bytes still read and dropped after an error
 
@@ -224,7 +225,7 @@ class ArrivalWorker(ThreadWorker):
     def load_wsgi(self) -> None:
         """Load the app, and stamp each request's environ with the time it began to arrive."""
         super().load_wsgi()
-        from service.app import ARRIVED_AT
+        from service.app import ARRIVED_AT, BODY_BUFFERED
 
         local = self.local
         app = self.wsgi.wsgi_app
@@ -233,6 +234,7 @@ class ArrivalWorker(ThreadWorker):
             arrived_at = getattr(local, "arrived_at", None)
             if arrived_at is not None:
                 environ[ARRIVED_AT] = arrived_at
+                environ[BODY_BUFFERED] = local.body_buffered
             return app(environ, start_response)
 
         self.wsgi.wsgi_app = stamped
@@ -317,7 +319,7 @@ class ArrivalWorker(ThreadWorker):
                 if conn.arriving:
                     # Half a request, then the client's end of the stream: the parser finds
                     # the request truncated (and the socket at its end, so nothing blocks).
-                    self._hand_to_thread(conn)
+                    self._hand_to_thread(conn, body_buffered=False)
                 else:  # the client went away between requests: nothing to answer
                     self._drop(conn)
                 return True
@@ -354,11 +356,12 @@ class ArrivalWorker(ThreadWorker):
             message = f"the request line and headers are over the limit of {limit} bytes"
             self._refuse(conn, 431, "Request Header Fields Too Large", message)
         else:
-            self._hand_to_thread(conn)
+            self._hand_to_thread(conn, body_buffered=framing is Framing.COMPLETE)
         return True
 
-    def _hand_to_thread(self, conn: _Conn) -> None:
+    def _hand_to_thread(self, conn: _Conn, body_buffered: bool) -> None:
         self._leave_loop(conn)
+        conn.body_buffered = body_buffered
         conn.arrived = bytes(conn.arriving or b"")
         conn.arriving = None
         conn.data_ready = True
@@ -461,6 +464,7 @@ class ArrivalWorker(ThreadWorker):
     def handle_request(self, req: Any, conn: Any) -> Any:
         """Serve one request, with its arrival time for the app and no second 100 Continue."""
         self.local.arrived_at = conn.arrived_at
+        self.local.body_buffered = conn.body_buffered
         if conn.sent_continue:
             req._expected_100_continue = False  # the event loop sent it
         return super().handle_request(req, conn)
