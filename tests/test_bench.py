@@ -52,3 +52,29 @@ def test_bench_runs_and_reports_every_payload_without_errors(tmp_path):
     # Every target is printed with its ratio and verdict, whatever the verdict.
     for t in targets:
         assert f"| {t['ratio']:.2f} | {t['needed']} |" in result.stdout
+
+
+# About 40 s here; the GPU script's own code path, on JAX on the CPU.
+@pytest.mark.timeout(900)
+def test_gpu_script_serves_on_jax_and_compares_with_the_in_process_limit(tmp_path):
+    report = tmp_path / "gpu.json"
+    command = [sys.executable, "bench/gpu.py", "--allow-cpu", "--seconds", "1"]
+    result = subprocess.run(
+        [*command, "--concurrency", "1,2", "--json", str(report)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=800,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    document = json.loads(report.read_text())
+    assert document["device"] == "CPU:0"  # what /readyz said, checked against the limit's
+    assert sorted(map(int, document["limit"])) == [1, 2, 4, 8]
+    assert [(r["payload"], r["concurrency"]) for r in document["runs"]] == [
+        ("png32", 1),
+        ("png32", 2),
+        ("16xpng32", 32),
+    ]
+    assert all(r["images_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in document["runs"])
+    assert "| / best in-process limit |" in result.stdout
