@@ -29,6 +29,10 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CLASSES = [f"class_{i}" for i in range(10)]
+# Issue 13's start-up target, "ready in half of today's time", as a ratio to a yardstick
+# measured in the same run: when it was filed the service was ready after 21.2 s and the
+# naive server listened after 9.0 s on one machine, so half of that is 10.6 / 9.0.
+READY_BOUND = 21.2 / 2 / 9.0
 
 
 @dataclass
@@ -309,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             try:
                 url = f"http://127.0.0.1:{port}"
-                wait_ready_naive(url, naive)
+                startup["naive"] = wait_ready_naive(url, naive)
                 for payload in payloads[:2]:
                     results.append(run_wrk(url, payload, 8, args.duration, "naive", False))
             finally:
@@ -415,9 +419,9 @@ def evaluate_targets(
             forward_ms = 1000 / limits[backend][1]
             target(backend, "p50 c=1 / (floor p50 + batch-1 forward + 1 ms)", c1.p50_ms,
                    floor_c1.p50_ms + forward_ms + 1, "<=1")  # fmt: skip
-        if "tensorflow" in startup and backend in startup:
-            target(backend, "ready s / the TensorFlow service's", startup[backend],
-                   startup["tensorflow"], "<=0.5")  # fmt: skip
+        if "naive" in startup and backend in startup:
+            target(backend, "ready s / the naive server's", startup[backend], startup["naive"],
+                   f"<={READY_BOUND:.2f}")  # fmt: skip
     best_runtime = max(limits, key=lambda b: max(limits[b].values()))
     shipped = backends[0]
     target(shipped, f"compute limit / the best runtime's ({best_runtime})",
@@ -425,15 +429,15 @@ def evaluate_targets(
     return targets
 
 
-def wait_ready_naive(url: str, process: subprocess.Popen) -> None:
-    """Wait until the naive server answers a POST (it has no health endpoint)."""
+def wait_ready_naive(url: str, process: subprocess.Popen) -> float:
+    """Wait until the naive server listens (it has no health endpoint); return the seconds."""
     started = time.monotonic()
     while time.monotonic() - started < 120:
         if process.poll() is not None:
             raise SystemExit("the naive server exited")
         try:
             with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), 1):
-                return
+                return time.monotonic() - started
         except OSError:
             time.sleep(0.2)
     raise SystemExit("the naive server never listened")
@@ -462,6 +466,9 @@ def print_report(
         + ", ".join(f"{name} {ms:.2f} ms" for name, ms in decode.items())
     )
     for backend, seconds in startup.items():
+        if backend == "naive":
+            print(f"Naive server: listening {seconds:.1f} s after start")
+            continue
         print(
             f"Service on {backend}: ready {seconds:.1f} s after start; peak memory (all "
             f"processes) {memory.get(backend, 0):.0f} MB"
