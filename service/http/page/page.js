@@ -274,6 +274,8 @@ async function send(items, mayResendAlone) {
     return showError(items, `Could not reach the service: ${error.message}`);
   }
   if (response.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY); // wrong, or none: ask again rather than resend it
+    showTokenButton();
     const message = await errorMessage(response);
     if (await askForToken(message)) return send(items, mayResendAlone);
     return showError(items, message);
