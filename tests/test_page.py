@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from service.http.page import assets as page_files
 from tests.conftest import ROOT, image_bytes, start_server, unavailable
 
 pytestmark = pytest.mark.slow
@@ -159,15 +160,8 @@ def test_loading_the_page_requests_nothing_outside_the_services_origin(server, v
         parts = urlsplit(url)
         assert (parts.scheme, parts.netloc) == (origin.scheme, origin.netloc), url
         paths.add(parts.path)
-    assert {
-        "/",
-        "/page/page.js",
-        "/page/page.css",
-        "/page/icon.svg",
-        "/readyz",
-        "/metrics",
-    } <= paths
-    assert "/v2/models/shapes/versions/2" in paths
+    files = {f"/page/{name}" for name in page_files() if name != "index.html"}
+    assert files | {"/", "/readyz", "/metrics", "/v2/models/shapes/versions/2"} == paths
     assert "shapes" in tab.page.inner_text("#models")
     assert "circle, square, triangle" in tab.page.inner_text("#models")
     assert not tab.unexplained_errors()
