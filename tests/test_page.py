@@ -7,6 +7,7 @@ With PAGE_SCREENSHOT=<path> the three-image test also saves the page there (make
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ import pytest
 import requests
 
 from service.http.page import assets as page_files
-from tests.conftest import ROOT, image_bytes, start_server, unavailable
+from tests.conftest import ROOT, free_port, image_bytes, start_server, unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +56,19 @@ def server(tmp_path_factory, model_dir):
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory, model_dir):
     started = start_server(model_dir, tmp_path_factory.mktemp("page-token"), API_TOKEN=TOKEN)
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory, model_dir):
+    """Start a server taking two images a request, with /metrics on a port of its own."""
+    started = start_server(
+        model_dir,
+        tmp_path_factory.mktemp("page-limited"),
+        MAX_IMAGES_PER_REQUEST="2",
+        METRICS_PORT=str(free_port()),
+    )
     yield started
     started.stop()
 
@@ -337,4 +351,53 @@ def test_the_keyboard_reaches_the_labelled_file_input_and_opens_it(server, visit
     chooser.value.set_files([str(EXAMPLES[0])])
     wait_answered(tab, 1)
     assert card_named(tab, EXAMPLES[0].name).query_selector_all(".bar")
+    assert not tab.unexplained_errors()
+
+
+def test_images_over_the_services_limit_a_request_are_each_sent_alone(
+    limited_server, visit, tmp_path
+):
+    paths = write_files(tmp_path, {f"{n}.png": image_bytes(seed=n) for n in range(3)})
+    refused = predict(limited_server.url, paths)
+    assert refused.status_code == 413
+    expected = [predict(limited_server.url, [path]).json()["predictions"][0] for path in paths]
+    tab = visit(limited_server.url)
+    upload(tab, paths)
+    wait_answered(tab, 3)
+    for path, answer in zip(paths, expected, strict=True):
+        shown = card_named(tab, path.name).query_selector(".bar .label").inner_text()
+        assert shown == answer["label"]
+    assert sum("/predict" in url for url in tab.requests) == 4, "three at once, then one by one"
+    assert 413 in tab.refused
+    assert not tab.unexplained_errors()
+
+
+def test_with_metrics_on_their_own_port_the_panel_says_so(limited_server, visit):
+    tab = visit(limited_server.url)
+    status = tab.page.locator("#metrics-status")
+    status.get_by_text("separate port (METRICS_PORT)").wait_for(timeout=SHOWN_WITHIN_MS)
+    assert tab.refused == [404]
+    assert not tab.unexplained_errors()
+
+
+def test_dropped_and_pasted_images_are_classified(server, visit):
+    tab = visit(server.url)
+    png = base64.b64encode(EXAMPLES[0].read_bytes()).decode()
+    send = """([kind, b64]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], `${kind}.png`, { type: "image/png" }));
+        const target = kind === "dropped" ? document.querySelector("#drop-zone") : document;
+        const event = kind === "dropped"
+            ? new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true })
+            : new ClipboardEvent("paste", { clipboardData: data, bubbles: true, cancelable: true });
+        target.dispatchEvent(event);
+    }"""
+    tab.page.evaluate(send, ["dropped", png])
+    wait_answered(tab, 1)
+    tab.page.evaluate(send, ["pasted", png])
+    cards = wait_answered(tab, 2)
+    names = [card.query_selector(".name").inner_text() for card in cards]
+    assert names[1] == "dropped.png" and names[0].startswith("pasted ")
+    assert all(card.query_selector_all(".bar") for card in cards)
     assert not tab.unexplained_errors()
