@@ -9,7 +9,7 @@ EXTRAS ?= cpu,train,dev
 DEMO_MODEL := models/shapes
 PORT ?= 8080
 
-.PHONY: install run test lint bench audit demo-model clean
+.PHONY: install run test lint bench audit demo-model screenshot clean
 
 # The stamp depends on pyproject.toml, so a changed dependency list reinstalls.
 $(BIN)/.installed-$(EXTRAS): pyproject.toml
@@ -29,7 +29,7 @@ demo-model: install
 	fi
 
 run: demo-model
-	@echo "Serving $(DEMO_MODEL) on http://localhost:$(PORT). Try, in another terminal:"
+	@echo "Serving $(DEMO_MODEL) on http://localhost:$(PORT): open it in a browser, or try, in another terminal:"
 	@echo "  curl -fsS http://localhost:$(PORT)/readyz"
 	@echo "  curl -F image=@examples/circle.png http://localhost:$(PORT)/predict"
 	@echo "  curl --data-binary @examples/circle.png -H 'Content-Type: image/png' http://localhost:$(PORT)/predict"
@@ -45,6 +45,11 @@ bench: install
 audit: install
 	$(BIN)/python -m pip install --quiet pip-audit
 	$(BIN)/pip-audit --skip-editable
+
+# docs/page.png, the README's picture of the page at /, taken again by the browser test that
+# uploads three images (Debian's chromium, as in CI), so that it shows the page as it is.
+screenshot: install
+	PAGE_SCREENSHOT=docs/page.png $(BIN)/python -m pytest -q tests/test_page.py -k three_uploaded
 
 lint: install
 	$(BIN)/ruff check .

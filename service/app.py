@@ -17,7 +17,7 @@ from service.body_deadline import BodyWithDeadline
 from service.errors import (
     InvalidRequest,
 )
-from service.http import docs, predict, tfserving, v2
+from service.http import docs, page, predict, tfserving, v2
 from service.http.base import (
     answer_errors,
     error_code,
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     app.register_blueprint(tfserving.blueprint)
     app.register_blueprint(v2.blueprint)
     app.register_blueprint(docs.blueprint)
+    app.register_blueprint(page.blueprint)
     return app
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -112,6 +113,21 @@ def test_full_queue_is_a_503_with_retry_after(held):
         model.release.set()
         assert first.result(30).status_code == 200
         assert queued.result(30).status_code == 200
+
+
+def test_predict_says_in_server_timing_how_long_its_model_took(held):
+    client, model = held()
+    with ThreadPoolExecutor(1) as pool:
+        answer = hold_one_batch(client, model, pool)
+        time.sleep(0.3)  # the batch is held this long, at the least
+        model.release.set()
+        response = answer.result(30)
+    assert response.status_code == 200
+    parts = [part.strip().split(";dur=") for part in response.headers["Server-Timing"].split(",")]
+    timing = {name: float(ms) for name, ms in parts}
+    assert list(timing) == ["read", "model", "total"]
+    assert timing["model"] >= 300
+    assert timing["read"] + timing["model"] <= timing["total"] < 30_000
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator
@@ -43,7 +43,7 @@ def test_every_flask_rule_is_documented(app, client):
 
 def test_every_documented_path_is_served(client):
     for path, item in client.get("/openapi.json").get_json()["paths"].items():
-        concrete = path.format(name="shapes", version="2", asset="swagger-ui.css")
+        concrete = path.format(name="shapes", version="2", asset="swagger-ui.css", file="page.js")
         for method in item:
             if method == "get":
                 with client.get(concrete) as response:
@@ -67,15 +67,16 @@ class _Links(HTMLParser):
         self.urls += [value or "" for key, value in attrs if key in ("src", "href")]
 
 
-def test_docs_page_loads_nothing_from_another_host(client):
-    response = client.get("/docs")
-    assert response.status_code == 200 and response.mimetype == "text/html"
-    links = _Links()
-    links.feed(response.get_data(as_text=True))
+@pytest.mark.parametrize("page", ["/docs", "/"])
+def test_pages_link_nothing_on_another_host(client, page):
+    with client.get(page) as response:
+        assert response.status_code == 200 and response.mimetype == "text/html"
+        links = _Links()
+        links.feed(response.get_data(as_text=True))
     assert links.urls, "the page links its scripts and styles"
     for url in links.urls:
         assert not urlsplit(url).netloc, f"{url} is on another host"
-        with client.get(url) as asset:
+        with client.get(urljoin(page, url)) as asset:
             assert asset.status_code == 200, url
 
 

@@ -12,7 +12,13 @@ import requests
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import LABELS, distinct_images, expected_probabilities, start_server
+from tests.conftest import (
+    LABELS,
+    distinct_images,
+    expected_device,
+    expected_probabilities,
+    start_server,
+)
 
 V2 = "/v2/models/shapes"
 
@@ -64,6 +70,7 @@ def test_health_and_metadata_through_tritonclient(triton, classifier):
         {"name": "pixels", "datatype": "UINT8", "shape": [-1, 32, 32, 3]},
     ]
     assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
+    assert metadata["parameters"] == {"labels": LABELS, "device": expected_device()}
     server = triton.get_server_metadata()
     assert {"binary_tensor_data", "classification"} <= set(server["extensions"])
 

@@ -13,6 +13,7 @@ from flask import Blueprint, Response, current_app, render_template_string, send
 
 from service.http import openapi
 from service.http.base import json_response
+from service.http.page import assets as page_assets
 
 blueprint = Blueprint("docs", __name__)
 
@@ -47,7 +48,8 @@ def assets() -> list[str]:
 def document() -> Response:
     """Answer the OpenAPI document, naming the models served now."""
     metrics = any(rule.rule == "/metrics" for rule in current_app.url_map.iter_rules())
-    return json_response(openapi.document(current_app.extensions["models"], metrics, assets()))
+    models = current_app.extensions["models"]
+    return json_response(openapi.document(models, metrics, assets(), page_assets()))
 
 
 @blueprint.get("/docs")

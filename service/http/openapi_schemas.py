@@ -140,8 +140,16 @@ SCHEMAS: dict[str, dict] = {
             "platform": {"type": "string"},
             "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/V2Tensor"}},
             "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/V2Tensor"}},
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "labels": {"type": "array", "items": {"type": "string"}},
+                    "device": {"type": "string"},
+                },
+                "required": ["labels", "device"],
+            },
         },
-        "required": ["name", "versions", "platform", "inputs", "outputs"],
+        "required": ["name", "versions", "platform", "inputs", "outputs", "parameters"],
     },
     "TFModelStatus": {
         "type": "object",

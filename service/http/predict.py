@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import orjson
 from flask import Blueprint, Request, Response, current_app, g, request
@@ -32,9 +34,24 @@ def predict() -> Response:
     authorize(request, current_app.config["API_TOKEN"])
     top_k = _top_k(request)
     service = lease(request.args.get("model") or None, request.args.get("version") or None)
+    read_at = time.perf_counter()
     uploads = read_uploads(request, settings.max_images_per_request)
+    predict_at = time.perf_counter()
     probabilities = service.predict(uploads, deadline=g.deadline)
-    return json_response(prediction_body(service, probabilities, top_k))
+    answered_at = time.perf_counter()
+    response = json_response(prediction_body(service, probabilities, top_k))
+    # The standard Server-Timing header: where the time went, for any client to show.
+    response.headers["Server-Timing"] = server_timing(
+        read=predict_at - read_at,
+        model=answered_at - predict_at,
+        total=time.perf_counter() - g.get("started", read_at),
+    )
+    return response
+
+
+def server_timing(**durations_s: float) -> str:
+    """Return a Server-Timing header value of named durations (seconds), in milliseconds."""
+    return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in durations_s.items())
 
 
 def prediction_body(service: ModelVersion, outputs: list[np.ndarray], top_k: int) -> dict:

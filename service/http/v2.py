@@ -112,6 +112,9 @@ def model_metadata(name: str, version: str | None) -> Response:
                 {"name": PIXELS, "datatype": "UINT8", "shape": [-1, *info.input_shape]},
             ],
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(info.labels)]}],
+            # As MLServer's model metadata carries them: what a client shows beside the
+            # probabilities (their labels, in output order) and where the model runs.
+            "parameters": {"labels": list(info.labels), "device": info.device},
         }
     )
 

@@ -1,0 +1,68 @@
+// Talking to the service: its public endpoints, its error messages, its bearer token.
+
+const TOKEN_KEY = "cnn-serving.token";
+
+export const $ = (selector, root = document) => root.querySelector(selector);
+
+/** Fetch a path of this service (relative: the page may sit under a proxy's prefix). */
+export function call(path, options = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = new Headers(options.headers || {});
+  if (token) headers.set("Authorization", `Bearer ${token}`);
+  return fetch(path, { ...options, headers });
+}
+
+/** Return the service's error message of a failed response, in its own words. */
+export async function errorMessage(response) {
+  let message = "";
+  try {
+    const body = await response.json();
+    message = typeof body.error === "string" ? body.error : body.error.message;
+  } catch {
+    message = response.statusText;
+  }
+  const retry = response.headers.get("Retry-After");
+  return `${message || "error"} (HTTP ${response.status}${retry ? `; try again in ${retry} s` : ""})`;
+}
+
+/** Return {name: milliseconds} of a Server-Timing header such as "model;dur=6.2, total;dur=7". */
+export function serverTiming(header) {
+  const timing = {};
+  for (const metric of (header || "").split(",")) {
+    const [name, ...params] = metric.trim().split(";");
+    const duration = params.map((p) => p.trim()).find((p) => p.startsWith("dur="));
+    if (name && duration) timing[name] = Number(duration.slice(4));
+  }
+  return timing;
+}
+
+/** Forget the token: the service refused it, or the user asked. */
+export function forgetToken() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  showTokenButton();
+}
+
+/** Ask for the token, saying why; resolve true once one is given, false if declined. */
+export function askForToken(message) {
+  const dialog = $("#token-dialog");
+  $("#token-error").textContent = message;
+  $("#token").value = "";
+  dialog.showModal();
+  return new Promise((resolve) => {
+    dialog.addEventListener(
+      "close",
+      () => {
+        const token = $("#token").value.trim();
+        const given = dialog.returnValue === "ok" && token !== "";
+        if (given) sessionStorage.setItem(TOKEN_KEY, token);
+        showTokenButton();
+        resolve(given);
+      },
+      { once: true },
+    );
+  });
+}
+
+export function showTokenButton() {
+  $("#forget-token").hidden = !sessionStorage.getItem(TOKEN_KEY);
+}
