@@ -1,6 +1,8 @@
 """The model alone, in-process, on the Keras backend KERAS_BACKEND names: images/s by batch size.
 
-Run: KERAS_BACKEND=jax python bench/compute_limit.py MODEL_DIR SECONDS; prints one JSON line.
+Run: KERAS_BACKEND=jax python bench/compute_limit.py MODEL_DIR SECONDS [SIZES]; prints one
+JSON line: the device and the images/s at each batch size (SIZES: comma-separated, default
+1,32,128).
 It goes through the service's own runtime (service/runtime.py: padded sizes, compiled once),
 so it is the most that runtime can do with no HTTP, decoding or batching around it.
 """
@@ -21,10 +23,11 @@ SIZES = (1, 32, 128)
 
 def main() -> None:
     folder, seconds = Path(sys.argv[1]), float(sys.argv[2])
-    classifier = load_classifier(folder, max_batch_size=max(SIZES))
+    sizes = tuple(int(size) for size in sys.argv[3].split(",")) if len(sys.argv) > 3 else SIZES
+    classifier = load_classifier(folder, max_batch_size=max(sizes))
     classifier.warm_up()
     rates = {}
-    for size in SIZES:
+    for size in sizes:
         inputs = np.random.default_rng(size).random((size, 32, 32, 3), dtype=np.float32)
         classifier.predict_batch(inputs)
         count, started = 0, time.perf_counter()

@@ -35,34 +35,6 @@ LIMIT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MEMORY_GROWTH_MB = 512
 
 
-def gpu_limit(model_dir: Path, seconds: float, sizes: tuple[int, ...]) -> tuple[str, dict]:
-    """Time the model alone on JAX in a subprocess; return its device and images/s by size."""
-    code = (
-        "import json, sys, time, numpy as np\n"
-        "from service.runtime import load_classifier\n"
-        f"c = load_classifier(sys.argv[1], max_batch_size={max(sizes)})\n"
-        "c.warm_up(); rates = {}\n"
-        f"for size in {sizes!r}:\n"
-        "    x = np.random.default_rng(size).random((size, 32, 32, 3), dtype=np.float32)\n"
-        "    c.predict_batch(x); n, t = 0, time.perf_counter()\n"
-        f"    while time.perf_counter() - t < {seconds}:\n"
-        "        c.predict_batch(x); n += size\n"
-        "    rates[size] = n / (time.perf_counter() - t)\n"
-        "print(json.dumps({'device': c.info.device, 'rates': rates}))\n"
-    )
-    output = subprocess.run(
-        [sys.executable, "-c", code, str(model_dir)],
-        cwd=run.ROOT,
-        env={**os.environ, "KERAS_BACKEND": "jax"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=True,
-    ).stdout
-    report = json.loads(output.strip().splitlines()[-1])
-    return report["device"], {int(k): v for k, v in report["rates"].items()}
-
-
 def _client(args: tuple[int, int, bytes, str, float, int]) -> tuple[list[float], float, float]:
     """One client process: `threads` keep-alive connections for `seconds`; return each
     request's seconds, and when the process's first request began and its last one ended."""
@@ -145,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = run.write_reference_model(folder / "model" / "1").parent
         payloads = {p.name: p for p in run.build_payloads(folder)}
         sizes = LIMIT_SIZES if not args.allow_cpu else LIMIT_SIZES[:4]
-        device, limit = gpu_limit(model_dir / "1", min(args.seconds, 3.0), sizes)
+        device, limit = run.compute_limit(model_dir / "1", min(args.seconds, 3.0), "jax", sizes)
         if not device.startswith("GPU") and not args.allow_cpu:
             raise SystemExit(f"bench/gpu.py: JAX runs on {device}, not a GPU")
         port = run.free_port()

@@ -207,19 +207,23 @@ def run_wrk(
     )
 
 
-def compute_limit(model_dir: Path, seconds: float, backend: str) -> dict[int, float]:
-    """Time the model alone in-process on one Keras backend; return images/s by batch size."""
+def compute_limit(
+    model_dir: Path, seconds: float, backend: str, sizes: tuple[int, ...] = (1, 32, 128)
+) -> tuple[str, dict[int, float]]:
+    """Time the model alone in-process on one Keras backend; return its device and images/s
+    by batch size."""
     environment = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, str(HERE / "compute_limit.py"), str(model_dir), str(seconds)]
     output = subprocess.run(
-        [sys.executable, str(HERE / "compute_limit.py"), str(model_dir), str(seconds)],
+        [*command, ",".join(map(str, sizes))],
         env=environment,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         check=True,
     ).stdout
     report = json.loads(output.strip().splitlines()[-1])
-    return {int(size): rate for size, rate in report["rates"].items()}
+    return report["device"], {int(size): rate for size, rate in report["rates"].items()}
 
 
 def decode_ms(payload: Payload, repeats: int = 50) -> float:
@@ -287,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         model_dir = write_reference_model(folder / "model")
         payloads = build_payloads(folder)
-        limits = {backend: compute_limit(model_dir, 3.0, backend) for backend in backends}
+        limits = {backend: compute_limit(model_dir, 3.0, backend)[1] for backend in backends}
         decode = {payload.name: decode_ms(payload) for payload in payloads[:2]}
         results: list[Result] = []
         startup: dict[str, float] = {}

@@ -15,16 +15,10 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# About 2.5 minutes here (two backends, the floor, the naive server); room for 5 times slower.
-@pytest.mark.timeout(1800)
-def test_bench_runs_and_reports_every_payload_without_errors(tmp_path):
-    require_tool("wrk", "Debian package 'wrk'")
-    report = tmp_path / "bench.json"
-    # 3 s per wrk run: a 1 s window on a busy 2-core machine once ended before the naive
-    # server's first answer (a smoke run proves the bench works, not how fast).
-    command = [sys.executable, "bench/run.py", "--duration", "3", "--concurrency", "2"]
+def run_script(*args: str, report: Path) -> subprocess.CompletedProcess:
+    """Run a bench script to its end, writing its JSON to `report`; assert that it succeeded."""
     result = subprocess.run(
-        [*command, "--json", str(report)],
+        [sys.executable, *args, "--json", str(report)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -32,6 +26,17 @@ def test_bench_runs_and_reports_every_payload_without_errors(tmp_path):
         check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+# About 2.5 minutes here (two backends, the floor, the naive server); room for 5 times slower.
+@pytest.mark.timeout(1800)
+def test_bench_runs_and_reports_every_payload_without_errors(tmp_path):
+    require_tool("wrk", "Debian package 'wrk'")
+    report = tmp_path / "bench.json"
+    # 3 s per wrk run: a 1 s window on a busy 2-core machine once ended before the naive
+    # server's first answer (a smoke run proves the bench works, not how fast).
+    result = run_script("bench/run.py", "--duration", "3", "--concurrency", "2", report=report)
     assert "| server | payload | concurrency |" in result.stdout
     results = json.loads(report.read_text())["results"]
     payloads = ("png32", "jpeg640x480", "16xpng32")
@@ -58,16 +63,9 @@ def test_bench_runs_and_reports_every_payload_without_errors(tmp_path):
 @pytest.mark.timeout(900)
 def test_gpu_script_serves_on_jax_and_compares_with_the_in_process_limit(tmp_path):
     report = tmp_path / "gpu.json"
-    command = [sys.executable, "bench/gpu.py", "--allow-cpu", "--seconds", "1"]
-    result = subprocess.run(
-        [*command, "--concurrency", "1,2", "--json", str(report)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=800,
-        check=False,
+    result = run_script(
+        "bench/gpu.py", "--allow-cpu", "--seconds", "1", "--concurrency", "1,2", report=report
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     document = json.loads(report.read_text())
     assert document["device"] == "CPU:0"  # what /readyz said, checked against the limit's
     assert sorted(map(int, document["limit"])) == [1, 2, 4, 8]
