@@ -7,7 +7,7 @@ Run through bench/gpu.sh on a machine with JAX and CUDA (TensorFlow is not neede
    request, from a multi-process client (wrk where it is installed would be faster, but GPU
    machines seldom have it);
 4. reads the workers' GPU memory before and after the load, which must stay bounded;
-5. prints each level's images/s as a ratio to the limit at the batch size the service reached.
+5. prints each level's images/s as a ratio to the best in-process limit, and the mean batch.
 `--allow-cpu` runs the same path on JAX on the CPU (tests/test_bench.py does, in CI).
 """
 

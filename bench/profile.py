@@ -83,14 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             run.wait_ready(url + "/readyz", service)
             worker = leaf_workers(service.pid)[0]
             load = subprocess.Popen(
-                [
-                    "wrk", "-t1", f"-c{args.concurrency}", f"-d{args.seconds + 6}s",
-                    "-s", str(run.HERE / "post.lua"), url + "/predict", "--",
-                    str(payload.path), payload.content_type,
-                ],
+                run.wrk_command(url, payload, args.concurrency, args.seconds + 6),
                 stdout=subprocess.PIPE,
                 text=True,
-            )  # fmt: skip
+            )
             time.sleep(3)  # past the first batches
             samples = folder / "samples.txt"
             subprocess.run(
@@ -106,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             run.stop(service)
         counts, total = breakdown(samples.read_text())
+    if not total:
+        raise SystemExit("py-spy recorded no samples of the worker; try a longer --seconds")
     held = total / (args.seconds * 250)
     print(
         f"{args.backend}, {args.payload}, concurrency {args.concurrency}: {total} samples, the "

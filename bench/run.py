@@ -173,18 +173,26 @@ def scrape_batches(url: str) -> tuple[float, float]:
     return values["cnn_batch_size_sum"], values["cnn_batch_size_count"]
 
 
+def wrk_command(url: str, payload: Payload, concurrency: int, duration: int) -> list[str]:
+    """Return the wrk command that posts `payload` to `url`/predict (one thread, post.lua)."""
+    return [
+        "wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--timeout", "10s",
+        "-s", str(HERE / "post.lua"), url + "/predict", "--", str(payload.path),
+        payload.content_type,
+    ]  # fmt: skip
+
+
 def run_wrk(
     url: str, payload: Payload, concurrency: int, duration: int, server: str, metrics: bool
 ) -> Result:
     """Drive `url`/predict with wrk at one concurrency; read the mean batch from /metrics."""
     before = scrape_batches(url) if metrics else None
-    command = [
-        "wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--timeout", "10s",
-        "-s", str(HERE / "post.lua"), url + "/predict", "--", str(payload.path),
-        payload.content_type,
-    ]  # fmt: skip
     output = subprocess.run(
-        command, capture_output=True, text=True, timeout=duration + 60, check=True
+        wrk_command(url, payload, concurrency, duration),
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
     ).stdout
     summary = json.loads(output.strip().splitlines()[-1])
     seconds = summary["duration_us"] / 1e6
