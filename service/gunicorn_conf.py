@@ -14,9 +14,12 @@ import tempfile
 import threading
 from pathlib import Path
 
+from service.cli import skip_plotting_imports
 from service.settings import Settings
 
 _settings = Settings.from_env()
+# In the master, so every worker forked from it inherits it.
+skip_plotting_imports()
 
 # IPv6 literals need brackets in a bind address.
 bind = (

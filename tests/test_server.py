@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from tests.conftest import (
     expected_probabilities,
     free_port,
     image_bytes,
+    run_python,
 )
 from tests.load import metric, post_png
 
@@ -175,3 +178,28 @@ def test_bad_model_folder_stops_start_up_with_one_line_before_binding(
     assert lines[0].startswith("cnn-serve: error: ")
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, "the port was bound"
+
+
+def _maps_matplotlib(pid: int) -> bool:
+    """Tell whether process `pid` has any of matplotlib's files mapped (it imported it)."""
+    return "matplotlib" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_launcher_and_workers_never_import_matplotlib(server_factory, model_dir, tmp_path):
+    # Keras imports matplotlib at its own import when installed (about 0.5 s); it is, here.
+    assert importlib.util.find_spec("matplotlib") is not None
+    checked = run_python(
+        [
+            "-c",
+            "import sys; from service.cli import main; "
+            f"code = main(['--check', '--model-dir', {str(model_dir)!r}]); "
+            "print(code, 'keras' in sys.modules, sys.modules.get('matplotlib') is not None)",
+        ]
+    )
+    assert checked.stdout.splitlines()[-1].split() == ["0", "True", "False"], checked.stderr
+    server = server_factory(model_dir)
+    workers = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    pids = [server.process.pid, *map(int, workers.read_text().split())]
+    assert len(pids) == 2
+    assert requests.post(server.url + "/predict", files={"image": image_bytes()}).ok
+    assert [pid for pid in pids if _maps_matplotlib(pid)] == []
