@@ -179,17 +179,45 @@ def _jax_forwards(
         return jax.nn.softmax(outputs) if softmax else outputs
 
     jitted = jax.jit(call)
+    options: dict[str, str | bool] = {}
+    if device.startswith("CPU"):
+        options.update(CPU_COMPILER_OPTIONS)
 
     def forward_of(size: int) -> Forward:
         example = jax.ShapeDtypeStruct((size, *shape), np.float32)
-        compiled = jitted.lower(trainable, non_trainable, example).compile()
-
-        def forward(inputs: np.ndarray) -> np.ndarray:
-            return np.asarray(compiled(trainable, non_trainable, inputs))
-
-        return forward
+        lowered = jitted.lower(trainable, non_trainable, example)
+        try:
+            compiled = lowered.compile(options)
+        except jax.errors.JaxRuntimeError as exc:
+            if not options or "compile option" not in str(exc):
+                raise
+            # A jaxlib without these options: its own defaults, then.
+            log.info("XLA takes no %s; compiling with its defaults", sorted(options))
+            options.clear()
+            compiled = lowered.compile()
+        return JaxForward(compiled, trainable, non_trainable)
 
     return {size: forward_of(size) for size in sizes}
+
+
+class JaxForward:
+    """One batch size's forward pass on JAX: its compiled XLA program and the weights."""
+
+    def __init__(self, program: jax.stages.Compiled, trainable: list, non_trainable: list):
+        self.program = program
+        self._trainable = trainable
+        self._non_trainable = non_trainable
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        return np.asarray(self.program(self._trainable, self._non_trainable, inputs))
+
+
+# XLA's CPU compiler hands some fusions to YNNPACK, an experimental library it enables by
+# default (jaxlib 0.10). With the reference CNN on the 2-core development VM, XLA's own code
+# was 1.6x faster at batch 16 and 32 (the CPU default's largest), about even from 1 to 8, and
+# 5-12% slower at 64 and 128, so the service compiles without those fusions on a CPU.
+# bench/compute_limit.py measures both. Empty: XLA's defaults.
+CPU_COMPILER_OPTIONS: dict[str, str | bool] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def padded_batch_sizes(max_batch_size: int) -> tuple[int, ...]:

@@ -34,7 +34,9 @@ classifier = load_classifier(folder, max_batch_size=8)
 batch = np.load(inputs)
 answers = {str(n): classifier.predict_batch(batch[:n]).tolist() for n in (1, 3, 8)}
 np.save(outputs, np.array(answers["8"]))
-print(json.dumps({"backend": BACKEND, "device": classifier.info.device,
+# Which compiled programs hand work to YNNPACK (see runtime.CPU_COMPILER_OPTIONS).
+ynn = [s for s, f in classifier._forwards.items() if "__ynn_fusion" in f.program.as_text()]
+print(json.dumps({"backend": BACKEND, "device": classifier.info.device, "ynn": ynn,
                   "sizes": list(classifier.batch_sizes), "answers": answers}))
 """
 
@@ -43,14 +45,17 @@ def run_on_jax(script: str, *args: str) -> subprocess.CompletedProcess:
     return run_python(["-c", script, *args], KERAS_BACKEND="jax")
 
 
-def test_jax_and_tensorflow_give_the_same_probabilities_within_1e_5(tmp_path, model_dir):
+def jax_answers_tensorflow_checked(tmp_path: Path, folder: Path, prelude: str = "") -> dict:
+    """Run JAX_SCRIPT after `prelude`; check its answers against TensorFlow's within 1e-5;
+    return its report, with its stderr."""
     from service.runtime import BACKEND, load_classifier
 
     assert BACKEND == "tensorflow"
-    folder = model_dir / "2"
     batch = np.random.default_rng(5).random((8, 32, 32, 3), dtype=np.float32)
     np.save(tmp_path / "inputs.npy", batch)
-    result = run_on_jax(JAX_SCRIPT, str(folder), str(tmp_path / "inputs.npy"), str(tmp_path / "o"))
+    result = run_on_jax(
+        prelude + JAX_SCRIPT, str(folder), str(tmp_path / "inputs.npy"), str(tmp_path / "o")
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["backend"] == "jax" and report["device"] == "CPU:0"
@@ -61,6 +66,25 @@ def test_jax_and_tensorflow_give_the_same_probabilities_within_1e_5(tmp_path, mo
         want = tensorflow.predict_batch(batch[: int(count)])
         np.testing.assert_allclose(np.array(answer), want, atol=1e-5)
         np.testing.assert_allclose(np.array(answer).sum(axis=1), 1.0, atol=1e-5)
+    return {**report, "stderr": result.stderr}
+
+
+def test_jax_and_tensorflow_give_the_same_probabilities_within_1e_5(tmp_path, model_dir):
+    report = jax_answers_tensorflow_checked(tmp_path, model_dir / "2")
+    # On a CPU every size is compiled with the service's XLA options: no YNNPACK fusion.
+    assert report["ynn"] == []
+
+
+def test_a_jaxlib_without_the_services_xla_options_compiles_with_its_defaults(tmp_path, model_dir):
+    unknown = (
+        "from service import runtime\n"
+        "runtime.CPU_COMPILER_OPTIONS['xla_cpu_no_such_option'] = '1'\n"
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+    )
+    report = jax_answers_tensorflow_checked(tmp_path, model_dir / "2", unknown)
+    assert report["stderr"].count("compiling with its defaults") == 1
+    # XLA's defaults hand this CNN to YNNPACK at every size: the options above did apply.
+    assert report["ynn"] == report["sizes"]
 
 
 def test_the_model_folder_safety_rules_hold_on_jax(tmp_path, cnn):
