@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
+from subprocess import DEVNULL
 
 from model_folder import files as model_files
 from model_folder import repository
@@ -15,6 +17,8 @@ from model_folder.requirements import missing_tensorflow
 from service.settings import Settings, SettingsError
 
 GUNICORN_ARGS = ["--config", "python:service.gunicorn_conf", "service.app:create_app()"]
+# The model check's process id, for gunicorn's master to wait on (see wait_for_model_check).
+CHECK_PID_ENV = "CNN_SERVING_CHECK_PID"
 
 
 def skip_plotting_imports() -> None:
@@ -73,22 +77,39 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # The workers' environment, taken before the check below switches Keras's backend.
     environment = {**os.environ, **settings.as_env()}
+    if not args.check:
+        # The check runs in a child (`cnn-serve --check`, on these settings) while this
+        # process becomes gunicorn's master, which waits for its verdict before it binds.
+        checker = subprocess.Popen(
+            [sys.executable, "-m", "service", "--check"], env=environment, stdout=DEVNULL
+        )
+        environment[CHECK_PID_ENV] = str(checker.pid)
+        argv_gunicorn = [sys.executable, "-m", "gunicorn", *GUNICORN_ARGS]
+        # exec: the same process, so the checker stays its child; workers load their own
+        # model after the fork.
+        os.execve(sys.executable, argv_gunicorn, environment)
     try:
         checked = check_models(settings)
     except ModelFolderError as exc:
         print(f"cnn-serve: error: {exc}", file=sys.stderr)
         return 1
-    if args.check:
-        for files in checked:
-            print(
-                f"cnn-serve: {files.name} version {files.version} loads: "
-                f"{len(files.labels)} classes"
-            )
-        return 0
-    argv_gunicorn = [sys.executable, "-m", "gunicorn", *GUNICORN_ARGS]
-    # exec: the checked model goes away; workers load their own after the fork.
-    os.execve(sys.executable, argv_gunicorn, environment)
-    return 0  # not reached
+    for files in checked:
+        print(f"cnn-serve: {files.name} version {files.version} loads: {len(files.labels)} classes")
+    return 0
+
+
+def wait_for_model_check() -> None:
+    """In gunicorn's master, before it binds: exit as the launcher's model check did, if it
+    failed (it has printed its one line). Nothing to wait for without a launcher."""
+    pid = os.environ.pop(CHECK_PID_ENV, "")
+    if not pid:
+        return
+    _, status = os.waitpid(int(pid), 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        print(f"cnn-serve: error: the model check was killed by signal {-code}", file=sys.stderr)
+    if code != 0:
+        sys.exit(code if code > 0 else 1)
 
 
 def check_models(settings: Settings) -> list[ModelFiles]:

@@ -14,12 +14,20 @@ import tempfile
 import threading
 from pathlib import Path
 
-from service.cli import skip_plotting_imports
+from service.cli import skip_plotting_imports, wait_for_model_check
 from service.settings import Settings
 
 _settings = Settings.from_env()
 # In the master, so every worker forked from it inherits it.
 skip_plotting_imports()
+if _settings.keras_backend == "jax":
+    # Keras and JAX imported once, here, while the launcher's model check runs beside: every
+    # worker forked from this process has them. JAX starts its threads when its backend is
+    # first used, in each worker after the fork; TensorFlow's import is not fork-safe, so on
+    # it each worker imports its own.
+    from service import runtime  # noqa: F401
+# Before any gunicorn line, and before the port is bound: a bad model stops start-up here.
+wait_for_model_check()
 
 # IPv6 literals need brackets in a bind address.
 bind = (

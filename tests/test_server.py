@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import os
 import socket
 import subprocess
 import sys
@@ -21,7 +22,6 @@ from tests.conftest import (
     MODEL_LABELS,
     distinct_images,
     expected_probabilities,
-    free_port,
     image_bytes,
     run_python,
 )
@@ -156,28 +156,34 @@ def test_health_endpoints_answer_curl_in_milliseconds(server_factory, model_dir)
     ],
     ids=["no-weights", "bad-json", "labels", "truncated-weights"],
 )
+# On JAX gunicorn's master imports Keras while the model check runs beside it.
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_bad_model_folder_stops_start_up_with_one_line_before_binding(
-    tmp_path, cnn, breaker, expected
+    tmp_path, cnn, breaker, expected, backend
 ):
     from tests.conftest import write_model
 
     folder = write_model(tmp_path / "m", cnn, LABELS)
     breaker(folder)
-    port = free_port()
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "--model-dir", str(folder), "--port", str(port)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    with socket.socket() as holder:
+        # Held for the whole run: had gunicorn tried to bind it, it would have logged
+        # "Connection in use" lines, and the port would not be free.
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "service", "--model-dir", str(folder), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "KERAS_BACKEND": backend, "HOST": "127.0.0.1"},
+        )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert expected in lines[0]
     assert lines[0].startswith("cnn-serve: error: ")
-    with socket.socket() as probe:
-        assert probe.connect_ex(("127.0.0.1", port)) != 0, "the port was bound"
 
 
 def _maps_matplotlib(pid: int) -> bool:
@@ -203,3 +209,21 @@ def test_the_launcher_and_workers_never_import_matplotlib(server_factory, model_
     assert len(pids) == 2
     assert requests.post(server.url + "/predict", files={"image": image_bytes()}).ok
     assert [pid for pid in pids if _maps_matplotlib(pid)] == []
+
+
+def test_on_jax_the_master_imports_keras_once_before_the_fork_and_never_tensorflow(
+    server_factory, model_dir, cnn, classifier
+):
+    jax_server = server_factory(model_dir, KERAS_BACKEND="jax")
+    tf_server = server_factory(model_dir, KERAS_BACKEND="tensorflow")
+    jax_master = Path(f"/proc/{jax_server.process.pid}/maps").read_text()
+    tf_master = Path(f"/proc/{tf_server.process.pid}/maps").read_text()
+    assert "jaxlib" in jax_master and "tensorflow" not in jax_master
+    assert "tensorflow" not in tf_master
+    # The worker forked after that import runs JAX's backend and answers as the model does.
+    data = image_bytes()
+    expected = expected_probabilities(cnn, data, classifier.info.spec)
+    response = requests.post(jax_server.url + "/predict", files={"image": data}, timeout=30)
+    assert response.status_code == 200, response.text
+    got = response.json()["predictions"][0]["probabilities"]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
