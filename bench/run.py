@@ -28,6 +28,10 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from service.settings import SERVING_BACKENDS  # noqa: E402 - after the path above
+
 CLASSES = [f"class_{i}" for i in range(10)]
 # Issue 13's start-up target, "ready in half of today's time", as a ratio to a yardstick
 # measured in the same run: when it was filed the service was ready after 21.2 s and the
@@ -236,7 +240,6 @@ def compute_limit(
 
 def decode_ms(payload: Payload, repeats: int = 50) -> float:
     """Return the service's preprocessing time of one image of `payload`, in ms (in-process)."""
-    sys.path.insert(0, str(ROOT))
     from model_folder.preprocessing import InputSpec, preprocess
 
     data, spec = payload.path.read_bytes(), InputSpec(32, 32, 3)
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated levels")
     parser.add_argument(
-        "--backends", default="jax,tensorflow", help="Keras backends to serve on, default first"
+        "--backends", default="jax,tensorflow", help="Keras backends to measure and serve on"
     )
     parser.add_argument(
         "--env", action="append", default=[], help="extra service setting, e.g. WORKERS=2"
@@ -434,10 +437,14 @@ def evaluate_targets(
         if "naive" in startup and backend in startup:
             target(backend, "ready s / the naive server's", startup[backend], startup["naive"],
                    f"<={READY_BOUND:.2f}")  # fmt: skip
+    # Target 6: the limit the ratios above divide by is the best of every runtime the service
+    # ships, so it needs each of them measured in this run.
+    shipped = [backend for backend in SERVING_BACKENDS if backend in limits]
+    best_shipped = max((max(limits[b].values()) for b in shipped), default=0.0)
     best_runtime = max(limits, key=lambda b: max(limits[b].values()))
-    shipped = backends[0]
-    target(shipped, f"compute limit / the best runtime's ({best_runtime})",
-           max(limits[shipped].values()), limit, ">=1")  # fmt: skip
+    name = f"compute limit / the best of {', '.join(SERVING_BACKENDS)} (best: {best_runtime})"
+    target("all", name, limit if len(shipped) == len(SERVING_BACKENDS) else 0.0, best_shipped,
+           ">=1")  # fmt: skip
     return targets
 
 
