@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Check the settings and the model, then exec gunicorn (the port is bound only then)."""
+    """Check the settings; exec gunicorn while a child checks the model (gunicorn's master
+    binds the port only once the check has passed); with --check, only check the model."""
     args = parse_args(argv)
     skip_plotting_imports()
     try:
