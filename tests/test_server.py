@@ -167,7 +167,7 @@ def test_bad_model_folder_stops_start_up_with_one_line_before_binding(
     breaker(folder)
     with socket.socket() as holder:
         # Held for the whole run: had gunicorn tried to bind it, it would have logged
-        # "Connection in use" lines, and the port would not be free.
+        # "Connection in use" lines, which the one-line check below would catch.
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
