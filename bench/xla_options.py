@@ -1,8 +1,9 @@
 """The service's XLA options on a CPU (service/runtime.py CPU_COMPILER_OPTIONS) against XLA's
-defaults, for the reference CNN on JAX: images/s and compile time at each batch size.
+defaults, for the reference CNN on JAX: images/s and build time (tracing and compiling, as
+the service's runtime does it) at each batch size.
 
 Run: KERAS_BACKEND=jax python bench/xla_options.py [SIZES]. Both programs of a size are
-compiled in this one process and timed in alternation, 7 rounds of 0.15 s each, so that the
+built in this one process and timed in alternation, 7 rounds of 0.15 s each, so that the
 machine's drift falls on both alike; it prints the median of the rounds.
 """
 
@@ -29,38 +30,34 @@ def main() -> None:
     sizes = [
         int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "1,2,4,8,16,32,64,128").split(",")
     ]
-    import jax
-
     with tempfile.TemporaryDirectory(prefix="cnn-xla-") as folder:
         model, _, spec = runtime.check_model(write_reference_model(Path(folder) / "model"))
-    trainable = [variable.value for variable in model.trainable_variables]
-    non_trainable = [variable.value for variable in model.non_trainable_variables]
-
-    def call(trainable: list, non_trainable: list, inputs: jax.Array) -> jax.Array:
-        return model.stateless_call(trainable, non_trainable, inputs, training=False)[0]
-
-    jitted = jax.jit(call)
+    device = runtime.configure_jax()
+    softmax = not runtime.ends_in_softmax(model)
     variants = {"service": dict(runtime.CPU_COMPILER_OPTIONS), "xla-defaults": {}}
-    programs, compile_s = {}, {}
+    forwards, compile_s = {}, {}
     for size in sizes:
-        example = jax.ShapeDtypeStruct((size, *spec.shape), np.float32)
         for name, options in variants.items():
-            lowered = jitted.lower(trainable, non_trainable, example)
+            # The service's own compile path (service/runtime.py), on each set of options.
+            runtime.CPU_COMPILER_OPTIONS.clear()
+            runtime.CPU_COMPILER_OPTIONS.update(options)
             started = time.perf_counter()
-            programs[size, name] = lowered.compile(options)
+            [forwards[size, name]] = runtime._jax_forwards(
+                model, softmax, (size,), spec.shape, device.strip("/")
+            ).values()
             compile_s[size, name] = time.perf_counter() - started
-    rates: dict[tuple[int, str], list[float]] = {key: [] for key in programs}
+    rates: dict[tuple[int, str], list[float]] = {key: [] for key in forwards}
     for _ in range(ROUNDS):
-        for (size, name), program in programs.items():
+        for (size, name), forward in forwards.items():
             inputs = np.random.default_rng(size).random((size, *spec.shape), dtype=np.float32)
-            np.asarray(program(trainable, non_trainable, inputs))
+            forward(inputs)
             calls, started = 0, time.perf_counter()
             while time.perf_counter() - started < ROUND_S:
-                np.asarray(program(trainable, non_trainable, inputs))
+                forward(inputs)
                 calls += 1
             rates[size, name].append(size * calls / (time.perf_counter() - started))
-    print(f"service options: {variants['service']}; device {jax.devices()[0].platform}")
-    print("| batch | service images/s | XLA defaults images/s | ratio | compile s (ours / XLA's) |")
+    print(f"service options: {variants['service']}; device {device}")
+    print("| batch | service images/s | XLA defaults images/s | ratio | build s (ours / XLA's) |")
     print("|---:|---:|---:|---:|---|")
     for size in sizes:
         ours, theirs = (statistics.median(rates[size, n]) for n in variants)

@@ -214,8 +214,8 @@ class JaxForward:
 
 # XLA's CPU compiler hands some fusions to YNNPACK, an experimental library it enables by
 # default (jaxlib 0.10). With the reference CNN on the 2-core development VM, XLA's own code
-# was 1.7x faster at batch 16 and 32 (the CPU default's largest), 0.95 to 1.06x from 1 to 8,
-# and 0.82x and 0.97x at 64 and 128 (bench/xla_options.py), so the service compiles without
+# was 1.4 to 1.7x faster at batch 16 and 32 (the CPU default's largest), 0.90 to 1.22x from
+# 1 to 8, and 0.91 to 0.95x at 64 and 128 (bench/xla_options.py), so the service compiles without
 # those fusions on a CPU; bench/compute_limit.py keeps the faster of both. Empty: XLA's
 # defaults.
 CPU_COMPILER_OPTIONS: dict[str, str | bool] = {"xla_cpu_experimental_ynn_fusion_type": ""}
