@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
 import socket
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import orjson
 from flask import Flask, Response, current_app, g, request
 
 from service import logs, metrics
 from service.body_deadline import BodyWithDeadline
+from service.channel.client import RunnerClient
+from service.channel.slots import SERVER_ENV, SlotTable
 from service.errors import (
     InvalidRequest,
 )
+from service.frontend.catalogue import Catalogue
 from service.http import docs, page, predict, tfserving, v2
 from service.http.base import (
     answer_errors,
@@ -25,10 +30,11 @@ from service.http.base import (
     number_parameter,
     release_leases,
 )
-from service.inference import Classifier
 from service.registry import Models
-from service.reloader import ModelManager
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.inference import Classifier
 
 # Set by the gunicorn worker (service.worker): the monotonic time the request's first byte
 # arrived, where its one deadline starts, and whether its whole body is already in memory.
@@ -40,11 +46,12 @@ _ID_COUNTER = itertools.count()
 
 
 def create_app(settings: Settings | None = None, classifier: Classifier | None = None) -> Flask:
-    """Build the app; load the models of settings.model_path unless a classifier is given.
+    """Build the app around the runners of the server it runs in (gunicorn's master names
+    them); with none, around a runner in this process (tests, `flask run`), serving
+    `classifier` if given, else the models of settings.model_path.
 
-    A given classifier is warmed up before this returns (and served alone, never reloaded);
-    models from a folder load and warm in the background while /healthz answers and /readyz
-    says 503 "starting", then are kept in step with the folder (service.reloader).
+    A given classifier is warmed up before this returns; models from a folder load and warm
+    in the background while /healthz answers and /readyz says 503 "starting".
     """
     settings = settings or Settings.from_env()
     logs.configure(settings.log_level)
@@ -55,11 +62,17 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     app.config["SETTINGS"] = settings
     app.config["API_TOKEN"] = settings.bearer_token
 
+    server_id = os.environ.get(SERVER_ENV)
+    if server_id and classifier is None:
+        client = RunnerClient(server_id, SlotTable.inherited())
+    else:
+        client = _runner_in_process(app, settings, classifier)
     models = Models(settings.threads)
-    manager = ModelManager(settings, models, classifier)
+    catalogue = Catalogue(settings, client, models)
+    catalogue.refresh(retry=True)
+    catalogue.start()
     app.extensions["models"] = models
-    app.extensions["model_manager"] = manager
-    manager.start(background=classifier is None)
+    app.extensions["catalogue"] = catalogue
 
     app.before_request(_begin_request)
     app.after_request(_end_request)
@@ -77,20 +90,35 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     return app
 
 
-def model_manager() -> ModelManager:
-    """Return the current app's model manager."""
-    return current_app.extensions["model_manager"]
+def _runner_in_process(
+    app: Flask, settings: Settings, classifier: Classifier | None
+) -> RunnerClient:
+    """Start a runner in a thread of this process; return a client of it."""
+    from service.runner.process import Runner  # imports Keras only to load a folder
+
+    slots = SlotTable.create(1)
+    slots.started(0)
+    server_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    runner = Runner(settings, slots, 0, server_id, classifier)
+    runner.start()
+    app.extensions["runner"] = runner
+    return RunnerClient(server_id, slots)
+
+
+def catalogue() -> Catalogue:
+    """Return the current app's view of its runners."""
+    return current_app.extensions["catalogue"]
 
 
 def _healthz() -> Response:
-    if model_manager().alive:
+    if catalogue().alive:
         return json_response({"status": "alive"})
-    return json_response(model_manager().readiness(), 503)
+    return json_response(catalogue().readiness(), 503)
 
 
 def _readyz() -> Response:
-    manager = model_manager()
-    return json_response(manager.readiness(), 200 if manager.ready else 503)
+    view = catalogue()
+    return json_response(view.readiness(), 200 if view.ready else 503)
 
 
 def _metrics() -> Response:
@@ -100,6 +128,8 @@ def _metrics() -> Response:
 
 def _begin_request() -> None:
     g.started = time.perf_counter()
+    # Before any lookup: a version published by a runner is seen by every request after.
+    catalogue().refresh()
     supplied = request.headers.get("X-Request-ID", "")
     g.request_id = supplied if _REQUEST_ID.match(supplied) else _new_request_id()
     if request.method != "POST":

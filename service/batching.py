@@ -53,12 +53,15 @@ class Batcher:
         running_grace_s: float,
         model_metrics: ModelMetrics,
         warm_up: Callable[[], None] | None = None,
+        on_death: Callable[[], None] | None = None,
     ) -> None:
         """Batch for `predict_batch`, recording into `model_metrics`; a request whose deadline
-        passes while its batch runs waits up to `running_grace_s` more for its answer."""
+        passes while its batch runs waits up to `running_grace_s` more for its answer.
+        `on_death` is called when the inference thread dies, before its batch is failed."""
         self._predict_batch = predict_batch
         self.metrics = model_metrics
         self._warm_up = warm_up
+        self._on_death = on_death or (lambda: None)
         self._warmed = threading.Event()
         self._warm_up_error: BaseException | None = None
         self.max_batch_size = max_batch_size
@@ -126,16 +129,17 @@ class Batcher:
         self, inputs: Sequence[np.ndarray], deadline: float, arrival: Arrival | None = None
     ) -> list[np.ndarray]:
         """Run the inputs through the model in order; raise a ServiceError on failure."""
-        futures = self._submit(inputs, deadline, arrival)
+        futures = self.submit(inputs, deadline, arrival)
         try:
             return [self._result(future, deadline) for future in futures]
         finally:
             for future in futures:
                 future.cancel()
 
-    def _submit(
-        self, inputs: Sequence[np.ndarray], deadline: float, arrival: Arrival | None
+    def submit(
+        self, inputs: Sequence[np.ndarray], deadline: float, arrival: Arrival | None = None
     ) -> list[Future]:
+        """Queue the inputs; return one future per input, or raise Overloaded at once."""
         now = time.monotonic()
         with self._cond:
             if arrival is not None:
@@ -234,9 +238,15 @@ class Batcher:
             outputs = self._predict_batch(np.stack([item.array for item in live]))
         except BaseException as exc:
             log.exception("forward pass failed for a batch of %d images", len(live))
+            fatal = not isinstance(exc, Exception)
+            if fatal:
+                # Not alive from here on, and said so before the batch's answers go out.
+                with self._cond:
+                    self._closing = True
+                self._on_death()
             for item in live:
                 item.future.set_exception(InferenceFailed("the model failed on this batch"))
-            if not isinstance(exc, Exception):
+            if fatal:
                 raise  # the thread ends; readiness reports it
             return
         elapsed = time.monotonic() - started

@@ -120,3 +120,18 @@ class InferenceFailed(ServiceError):
 
     code = "inference_failed"
     status = 500
+
+
+def rebuild(code: str, message: str, retry_after_s: int = 1) -> ServiceError:
+    """Return the typed error whose `code` is given, as it crossed from a runner."""
+    kind = _BY_CODE.get(code, ServiceError)
+    if kind is Overloaded:
+        return Overloaded(message, retry_after_s)
+    return kind(message)
+
+
+def _subclasses(kind: type[ServiceError]) -> list[type[ServiceError]]:
+    return [kind, *(sub for child in kind.__subclasses__() for sub in _subclasses(child))]
+
+
+_BY_CODE = {kind.code: kind for kind in reversed(_subclasses(ServiceError))}

@@ -1,12 +1,13 @@
 """Gunicorn settings for cnn-serve; each setting says why it has its value.
 
-Loaded by gunicorn in the master process, which must never import TensorFlow: the model is
-loaded by each worker after the fork (TensorFlow is not fork-safe), so no `preload_app`.
+Loaded by gunicorn in the master process, which never imports a model runtime: the models
+live in the runners (service.runner), which the master starts and restarts
+(service.supervisor); the workers it forks read and decode requests and send the tensors
+to the runners over the channel (service.channel).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -14,20 +15,14 @@ import tempfile
 import threading
 from pathlib import Path
 
-from service.cli import skip_plotting_imports, wait_for_model_check
-from service.settings import Settings
+from service.cli import wait_for_model_check
+from service.settings import GRACEFUL_MARGIN_S, Settings
+from service.supervisor import Supervisor
 
 _settings = Settings.from_env()
-# In the master, so every worker forked from it inherits it.
-skip_plotting_imports()
-if _settings.keras_backend == "jax":
-    # Keras and JAX imported once, here, while the launcher's model check runs beside: every
-    # worker forked from this process has them. JAX starts its threads when its backend is
-    # first used, in each worker after the fork; TensorFlow's import is not fork-safe, so on
-    # it each worker imports its own.
-    from service import runtime  # noqa: F401
 # Before any gunicorn line, and before the port is bound: a bad model stops start-up here.
 wait_for_model_check()
+_runners = Supervisor(_settings)
 
 # IPv6 literals need brackets in a bind address.
 bind = (
@@ -35,15 +30,15 @@ bind = (
     if ":" in _settings.host
     else (f"{_settings.host}:{_settings.port}")
 )
-# One process per core (or per GPU): each holds one model and one batcher, and has its own
-# GIL, so parsing, decoding and the batcher's Python work spread over the cores.
+# One process per usable core: each has its own GIL, so parsing and decoding spread over the
+# cores, and every one of them feeds the same runners, whose batches see all the traffic.
 workers = _settings.worker_count
 # gthread, whose event loop reads each request whole before a request thread gets it, so
 # slow clients cannot hold the threads (service/worker.py). The threads decode uploads in
-# parallel while the batcher's thread runs the model; Pillow and TensorFlow release the GIL.
+# parallel and wait on the runners; Pillow and ZeroMQ release the GIL.
 worker_class = "service.worker.ArrivalWorker"
 threads = _settings.threads
-# Load the app (and TensorFlow) in each worker after the fork, never in the master.
+# The app is built in each worker after the fork: its ZeroMQ sockets are not fork-safe.
 preload_app = False
 # The worker's main loop heartbeats every second even while its threads wait on the model,
 # so a worker silent for this long is stuck and is replaced.
@@ -73,21 +68,19 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cnn-serving-metrics-")
 
 
-# The file the workers take turns on to load a new version (service/reloader.py).
+# The file the runners take turns on to load a new version (service/reloader.py).
 os.environ.setdefault(
     "CNN_SERVING_LOAD_LOCK", os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "load.lock")
 )
 
 
 def on_starting(server) -> None:  # type: ignore[no-untyped-def]
-    """Wipe metric files a previous run left, before any worker writes new ones; make SIGHUP
-    a model rescan in every worker rather than gunicorn's restart of them all."""
+    """Wipe metric files a previous run left, then start the runners; make SIGHUP a model
+    rescan in every runner rather than gunicorn's restart of the workers."""
 
     def rescan_models() -> None:
-        server.log.info("SIGHUP: every worker rescans its models now")
-        for pid in list(server.WORKERS):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGHUP)
+        server.log.info("SIGHUP: every runner rescans its models now")
+        _runners.signal_all(signal.SIGHUP)
 
     server.handle_hup = rescan_models
     folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
@@ -96,6 +89,15 @@ def on_starting(server) -> None:  # type: ignore[no-untyped-def]
     # mount point, or shared.
     for stale in [*folder.glob("*.db"), *folder.glob("*.db.part")]:
         stale.unlink(missing_ok=True)
+    # Every worker forked from here on finds the runners through these.
+    os.environ.update(_runners.environment())
+    _runners.start()
+
+
+def on_exit(server: object) -> None:
+    """Once the workers have stopped (each drained, then answered everything it accepted,
+    through the runners), stop the runners."""
+    _runners.stop(timeout=GRACEFUL_MARGIN_S)
 
 
 def when_ready(server) -> None:  # type: ignore[no-untyped-def]
@@ -124,20 +126,18 @@ def post_fork(server: object, worker: object) -> None:
 
 
 def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
-    """Accept connections only once the models are warm; on SIGTERM, drain, then stop; on
-    SIGHUP, rescan the models.
+    """Accept connections only once the runners serve; on SIGTERM, drain, then stop.
 
-    Gating the accept loop on the models means the kernel hands connections only to warm
-    workers: a worker that is starting, or replaces one that died, never answers 503 to a
-    request a sibling could serve. Heartbeats go on meanwhile, or the master kills it.
+    Gating the accept loop on the runners means the kernel hands connections only to workers
+    that know what is served: a worker that is starting never answers 503 to a request a
+    sibling could serve. Heartbeats go on meanwhile, or the master kills it.
     """
-    manager = worker.wsgi.extensions["model_manager"]
-    signal.signal(signal.SIGHUP, lambda signum, frame: manager.reload())
-    while not manager.wait_started(timeout=1.0):
+    catalogue = worker.wsgi.extensions["catalogue"]
+    while not catalogue.wait_started(timeout=1.0):
         worker.notify()
 
     def drain_then_exit(signum: int, frame: object) -> None:
-        if not manager.drain():
+        if not catalogue.drain():
             return  # a repeated SIGTERM changes nothing
         timer = threading.Timer(_settings.drain_s, stop_accepting, (signum, frame))
         timer.daemon = True
@@ -149,26 +149,12 @@ def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
 
     signal.signal(signal.SIGTERM, drain_then_exit)
 
-    def replace_worker_if_inference_dies() -> None:
-        # A dead inference thread never recovers: drain and exit, and the master starts a
-        # fresh worker (with fresh models) in this one's place.
-        manager.wait_inference_died()
-        if not manager.alive:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=replace_worker_if_inference_dies, daemon=True).start()
-
 
 def worker_exit(server: object, worker) -> None:  # type: ignore[no-untyped-def]
-    """Stop the batcher before the worker process ends.
-
-    Every accepted request has been answered by now (gthread waits for them), so nothing
-    waits on a batch still running: give it a moment, not a request's lifetime, which the
-    master's graceful timeout has no room for.
-    """
+    """Stop following the runners: every accepted request has been answered by now."""
     wsgi = getattr(worker, "wsgi", None)
     if wsgi is not None:
-        wsgi.extensions["model_manager"].close(timeout=1.0)
+        wsgi.extensions["catalogue"].close()
 
 
 def child_exit(server: object, worker) -> None:  # type: ignore[no-untyped-def]

@@ -1,25 +1,23 @@
-"""One served model version: its classifier and batcher, uploads in, probabilities out.
+"""One model version in a runner: its classifier and batcher, tensors in, futures out.
 
-No Flask here. Which versions exist and which request gets which is service.registry's;
-loading and swapping them is service.reloader's.
+Uploads are decoded by the front-end workers (service.frontend.versions); which versions
+exist is service.registry's; loading and swapping them is service.reloader's.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 import numpy as np
 
-from model_folder.errors import ImageTooLarge, UndecodableImage
 from model_folder.files import ModelInfo
-from model_folder.preprocessing import preprocess, to_model_input
+from model_folder.preprocessing import to_model_input
 from service import metrics
 from service.batching import Batcher
-from service.errors import InvalidImage, InvalidRequest, ModelNotReady, PayloadTooLarge
+from service.errors import InvalidRequest, ModelNotReady
 from service.settings import Settings
 
 
@@ -36,14 +34,6 @@ class Classifier(Protocol):
     def warm_up(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class Upload:
-    """One image of a request: where it came from (for error messages) and its bytes."""
-
-    name: str
-    data: bytes
-
-
 class ModelVersion:
     """One loaded, warm version of a model: its batcher, and the requests holding it.
 
@@ -51,12 +41,21 @@ class ModelVersion:
     so a version being replaced finishes every request already given to it before it closes.
     """
 
-    def __init__(self, classifier: Classifier, settings: Settings) -> None:
-        """Warm up `classifier` on a new batcher; return once it takes requests."""
+    def __init__(
+        self,
+        classifier: Classifier,
+        settings: Settings,
+        on_death: Callable[[], None] | None = None,
+        runner: str = "0",
+    ) -> None:
+        """Warm up `classifier` on a new batcher; return once it takes requests. `on_death`
+        is called if its inference thread dies; its metrics carry `runner`."""
         self.classifier = classifier
         self.info = classifier.info
         self.settings = settings
-        self.metrics = metrics.for_model(self.info.name, self.info.version, self.info.labels)
+        self.metrics = metrics.for_model(
+            self.info.name, self.info.version, self.info.labels, runner
+        )
         self.batcher = Batcher(
             classifier.predict_batch,
             max_batch_size=classifier.max_batch_size,
@@ -65,6 +64,7 @@ class ModelVersion:
             running_grace_s=settings.running_batch_grace_s,
             model_metrics=self.metrics,
             warm_up=classifier.warm_up,
+            on_death=on_death,
         )
         self.batcher.start()
         self._holders = 0
@@ -96,51 +96,22 @@ class ModelVersion:
         """Finish queued work and stop the batcher."""
         self.batcher.close(timeout)
 
-    def _serving(self) -> tuple[Batcher, Classifier]:
+    def submit(self, tensor: np.ndarray, deadline: float) -> list[Future]:
+        """Queue the images of `tensor` ([N, H, W, C] at the model's input size) for their
+        batches; return one future of class probabilities per image, in order.
+
+        uint8 pixels are scaled as the model folder says (decoded uploads are such pixels),
+        float32 values are taken as the model's input values.
+        """
         if not self.batcher.alive:
             raise ModelNotReady(
                 f"model {self.info.name!r} version {self.info.version} has stopped batching"
             )
-        return self.batcher, self.classifier
-
-    def predict_tensor(self, batch: np.ndarray, deadline: float) -> list[np.ndarray]:
-        """Return the class probabilities of images already at the model's input size.
-
-        `batch` is [N, H, W, C]: uint8 pixels are scaled as the model folder says (as decoded
-        uploads are), float32 values are taken as the model's input values.
-        """
-        batcher, classifier = self._serving()
-        spec = classifier.info.spec
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != spec.shape:
+        spec = self.info.spec
+        if tensor.ndim != 4 or tuple(tensor.shape[1:]) != spec.shape:
             raise InvalidRequest(
-                f"the tensor's shape is {list(batch.shape)}; the model takes "
+                f"the tensor's shape is {list(tensor.shape)}; the model takes "
                 f"[N, {', '.join(map(str, spec.shape))}]"
             )
-        if batch.dtype == np.uint8:
-            inputs = to_model_input(batch, spec)
-        elif batch.dtype == np.float32:
-            if not np.isfinite(batch).all():
-                raise InvalidRequest("the tensor holds a NaN or an infinity")
-            inputs = batch
-        else:
-            raise InvalidRequest(f"the tensor's type is {batch.dtype}; use uint8 or float32")
-        with batcher.arrival() as arrival:
-            return arrival.predict(list(inputs), deadline)
-
-    def predict(self, uploads: Sequence[Upload], deadline: float) -> list[np.ndarray]:
-        """Preprocess each upload and return its class probabilities, in order."""
-        batcher, classifier = self._serving()
-        spec = classifier.info.spec
-        preprocess_latency = batcher.metrics.preprocess
-        with batcher.arrival() as arrival:
-            inputs = []
-            for upload in uploads:
-                started = time.perf_counter()
-                try:
-                    inputs.append(preprocess(upload.data, spec, self.settings.max_image_pixels))
-                except UndecodableImage as exc:
-                    raise InvalidImage(f"{upload.name}: {exc}") from None
-                except ImageTooLarge as exc:
-                    raise PayloadTooLarge(f"{upload.name}: {exc}") from None
-                preprocess_latency.observe(time.perf_counter() - started)
-            return arrival.predict(inputs, deadline)
+        inputs = to_model_input(tensor, spec) if tensor.dtype == np.uint8 else tensor
+        return self.batcher.submit(list(inputs), deadline)

@@ -51,8 +51,10 @@ METRIC_WRITE_FAILURES = Counter(
     "for them (each counted once; written there once there is room).",
 )
 
-# The labels of every per-model metric: which model, and which of its versions.
+# The labels of every per-model metric: which model, and which of its versions; and of the
+# batch, queue and forward-pass metrics, which runner too.
 MODEL_LABELS = ["model", "version"]
+RUNNER_LABELS = [*MODEL_LABELS, "runner"]
 
 REQUEST_LATENCY = Histogram(
     "cnn_http_request_duration_seconds",
@@ -69,13 +71,13 @@ MODEL_REQUEST_LATENCY = Histogram(
 QUEUE_WAIT = Histogram(
     "cnn_batch_queue_wait_seconds",
     "Time an image waited in the batch queue before its forward pass began.",
-    MODEL_LABELS,
+    RUNNER_LABELS,
     buckets=LATENCY_BUCKETS,
 )
 INFERENCE_LATENCY = Histogram(
     "cnn_inference_duration_seconds",
     "Time of one forward pass over a (padded) batch.",
-    MODEL_LABELS,
+    RUNNER_LABELS,
     buckets=LATENCY_BUCKETS,
 )
 PREPROCESS_LATENCY = Histogram(
@@ -87,11 +89,11 @@ PREPROCESS_LATENCY = Histogram(
 BATCH_SIZE = Histogram(
     "cnn_batch_size",
     "Images in one forward pass, before padding.",
-    MODEL_LABELS,
+    RUNNER_LABELS,
     buckets=BATCH_SIZE_BUCKETS,
 )
 IMAGES_PREDICTED = Counter(
-    "cnn_images_predicted_total", "Images run through the model.", MODEL_LABELS
+    "cnn_images_predicted_total", "Images run through the model.", RUNNER_LABELS
 )
 ERRORS = Counter("cnn_errors_total", "Error responses, by error code.", ["code"])
 REQUEST_ARRIVAL = Histogram(
@@ -106,14 +108,14 @@ REQUESTS_ARRIVING = Gauge(
 )
 QUEUE_DEPTH = Gauge(
     "cnn_batch_queue_depth",
-    "Images waiting in the batch queues of all live workers.",
-    MODEL_LABELS,
+    "Images waiting in the batch queues of all live runners.",
+    RUNNER_LABELS,
     multiprocess_mode="livesum",
 )
 ESTIMATED_WAIT = Gauge(
     "cnn_batch_queue_estimated_wait_seconds",
-    "Estimated wait of an image enqueued now (largest over live workers).",
-    MODEL_LABELS,
+    "Estimated wait of an image enqueued now (largest over live runners).",
+    RUNNER_LABELS,
     multiprocess_mode="livemax",
 )
 READY = Gauge(
@@ -129,7 +131,8 @@ MODEL_INFO = Gauge(
 )
 VERSION_WORKERS = Gauge(
     "cnn_model_version_workers",
-    "Live workers serving each model version: during a rollout, old and new side by side.",
+    "Live workers whose view of the runners serves each model version: during a rollout, "
+    "old and new side by side.",
     MODEL_LABELS,
     multiprocess_mode="livesum",
 )
@@ -150,6 +153,11 @@ MODEL_LOAD_FAILURES = Counter(
     "Model versions refused at load (bad files, unsafe layers, weights that do not fit).",
     MODEL_LABELS,
 )
+RUNNER_RESTARTS = Counter(
+    "cnn_runner_restarts_total",
+    "Runners started again after theirs ended (killed, out of memory, failed), by runner.",
+    ["runner"],
+)
 PREDICTED_CLASS = Counter(
     "cnn_predicted_class_total",
     "Images answered, by the class the model ranked first: a shift after a rollout is drift.",
@@ -165,18 +173,16 @@ TOP1_PROBABILITY = Histogram(
 
 @dataclass(frozen=True)
 class ModelMetrics:
-    """One model version's metrics, bound to its labels once, not on every observation."""
+    """One model version's metrics in one runner, bound to their labels once."""
 
     queue_wait: Histogram
     inference: Histogram
-    preprocess: Histogram
     batch_size: Histogram
     images: Counter
     queue_depth: Gauge
     estimated_wait: Gauge
     top1: Histogram
     predicted_class: tuple[Counter, ...]  # by class index
-    request: Histogram
 
     def record_outputs(self, outputs: np.ndarray) -> None:
         """Count each answer's top class and observe its probability, for a batch (N, classes)."""
@@ -191,27 +197,46 @@ class ModelMetrics:
             self.top1.observe(probability)
 
 
-def for_model(name: str, version: str, classes: Sequence[str] = ()) -> ModelMetrics:
-    """Return the metrics of model `name` at `version`, whose outputs are `classes`."""
+@dataclass(frozen=True)
+class RequestMetrics:
+    """One model version's metrics in one worker: its requests and their decoding."""
+
+    preprocess: Histogram
+    request: Histogram
+
+
+def for_model(
+    name: str, version: str, classes: Sequence[str] = (), runner: str = "0"
+) -> ModelMetrics:
+    """Return the metrics of model `name` at `version` in `runner`; its outputs are `classes`."""
     return ModelMetrics(
-        QUEUE_WAIT.labels(name, version),
-        INFERENCE_LATENCY.labels(name, version),
-        PREPROCESS_LATENCY.labels(name, version),
-        BATCH_SIZE.labels(name, version),
-        IMAGES_PREDICTED.labels(name, version),
-        QUEUE_DEPTH.labels(name, version),
-        ESTIMATED_WAIT.labels(name, version),
+        QUEUE_WAIT.labels(name, version, runner),
+        INFERENCE_LATENCY.labels(name, version, runner),
+        BATCH_SIZE.labels(name, version, runner),
+        IMAGES_PREDICTED.labels(name, version, runner),
+        QUEUE_DEPTH.labels(name, version, runner),
+        ESTIMATED_WAIT.labels(name, version, runner),
         TOP1_PROBABILITY.labels(name, version),
         tuple(PREDICTED_CLASS.labels(name, version, label) for label in classes),
-        MODEL_REQUEST_LATENCY.labels(name, version),
+    )
+
+
+def for_requests(name: str, version: str) -> RequestMetrics:
+    """Return the request metrics of model `name` at `version`, in a worker."""
+    return RequestMetrics(
+        PREPROCESS_LATENCY.labels(name, version), MODEL_REQUEST_LATENCY.labels(name, version)
     )
 
 
 def version_serving(info: ModelInfo, serving: bool) -> None:
-    """Record that this worker serves model version `info` now, or no longer."""
+    """Record that this runner serves model version `info` now, or no longer."""
     shape = "x".join(map(str, info.input_shape))
     MODEL_INFO.labels(info.name, info.version, shape, info.device).set(1 if serving else 0)
-    VERSION_WORKERS.labels(info.name, info.version).set(1 if serving else 0)
+
+
+def version_in_worker(model: str, version: str, serving: bool) -> None:
+    """Record that this worker's view of the runners holds `model` `version`, or no longer."""
+    VERSION_WORKERS.labels(model, version).set(1 if serving else 0)
 
 
 def serve_separately(host: str, port: int) -> None:

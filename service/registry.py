@@ -8,13 +8,40 @@ version retired meanwhile still finishes it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, Protocol
 
+from model_folder.files import ModelInfo
 from model_folder.repository import version_key
 from service.errors import ModelNotFound, ModelNotReady, Overloaded
-from service.inference import ModelVersion
+
+
+class Served(Protocol):
+    """A version that serves: in a runner, its batcher (service.inference.ModelVersion); in a
+    worker, the runners that hold it (service.frontend.versions.RemoteVersion)."""
+
+    info: ModelInfo
+
+    @property
+    def alive(self) -> bool: ...
+
+    def hold(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+ModelVersion = Any  # what a registry holds: a Served of either side
+
+
+class Phase(StrEnum):
+    """Where a runner, or a worker's view of its runners, is in its life."""
+
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
 
 
 class State(StrEnum):
@@ -41,9 +68,11 @@ class VersionStatus:
 class Models:
     """Every model this worker knows, by name, each with its versions and version labels."""
 
-    def __init__(self, threads: int) -> None:
-        """Share `threads` request threads out so that one busy model cannot hold them all."""
+    def __init__(self, threads: int, on_change: Callable[[], None] | None = None) -> None:
+        """Share `threads` request threads out so that one busy model cannot hold them all;
+        call `on_change` after each change of what is served (a runner tells its workers)."""
         self.threads = threads
+        self._on_change = on_change or (lambda: None)
         self._lock = threading.Lock()
         self._versions: dict[str, dict[str, VersionStatus]] = {}
         self._labels: dict[str, dict[str, str]] = {}
@@ -82,6 +111,15 @@ class Models:
         with self._lock:
             self._holding[served.info.name] -= 1
         served.release()
+
+    def serving(self, name: str, version: str) -> ModelVersion:
+        """Return the version that serves as `name` `version`, retired or not (a request that
+        resolved it before its retirement is still answered by it)."""
+        with self._lock:
+            status = self._versions.get(name, {}).get(version)
+            if status is None or status.served is None:
+                raise ModelNotFound(f"model {name!r} has no version {version!r} serving")
+            return status.served
 
     def find(
         self, name: str | None = None, version: str | None = None, label: str | None = None
@@ -151,6 +189,7 @@ class Models:
             self._versions.setdefault(model, {})[version] = VersionStatus(
                 model, version, state, error
             )
+        self._on_change()
 
     def publish(self, served: ModelVersion) -> None:
         """Make a loaded, warm version AVAILABLE: from now on lookups can return it."""
@@ -159,6 +198,7 @@ class Models:
             self._versions.setdefault(info.name, {})[info.version] = VersionStatus(
                 info.name, info.version, State.AVAILABLE, served=served
             )
+        self._on_change()
 
     def retire(self, model: str, version: str) -> ModelVersion | None:
         """Mark a version UNLOADING: no new lookup returns it. Return it, or None if not served."""
@@ -169,7 +209,8 @@ class Models:
             self._versions[model][version] = VersionStatus(
                 model, version, State.UNLOADING, served=status.served
             )
-            return status.served
+        self._on_change()
+        return status.served
 
     def end(self, served: ModelVersion) -> None:
         """Mark a retired version END, unless its number has been published again since."""
@@ -180,11 +221,15 @@ class Models:
                 self._versions[info.name][info.version] = VersionStatus(
                     info.name, info.version, State.END
                 )
+        self._on_change()
 
     def set_labels(self, model: str, labels: dict[str, str]) -> None:
         """Set a model's version labels (`stable` -> "2")."""
         with self._lock:
+            changed = self._labels.get(model) != labels
             self._labels[model] = dict(labels)
+        if changed:
+            self._on_change()
 
     def forget(self, model: str) -> None:
         """Drop a model whose folder is gone and whose versions have all ended."""
@@ -193,6 +238,32 @@ class Models:
             if all(status.served is None for status in versions.values()):
                 self._versions.pop(model, None)
                 self._labels.pop(model, None)
+        self._on_change()
+
+    def changed(self) -> None:
+        """Say that what is served has changed in a way no call here shows (a batcher died)."""
+        self._on_change()
+
+    def set_unready_reason(self, reason: str | None) -> None:
+        """Say why nothing may be found yet (None: the models have started)."""
+        self.unready_reason = reason
+        self._on_change()
+
+    def replace(
+        self,
+        statuses: list[VersionStatus],
+        labels: dict[str, dict[str, str]],
+        unready_reason: str | None,
+    ) -> None:
+        """Serve exactly `statuses` and `labels` from now on, in one step (a worker's view of
+        its runners); the leases held go on."""
+        versions: dict[str, dict[str, VersionStatus]] = {}
+        for status in statuses:
+            versions.setdefault(status.model, {})[status.version] = status
+        with self._lock:
+            self._versions = versions
+            self._labels = {name: dict(pairs) for name, pairs in labels.items()}
+            self.unready_reason = unready_reason
 
     # --- what status routes read ---------------------------------------------------------
 

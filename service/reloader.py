@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
+import importlib
 import logging
 import os
 import sys
@@ -24,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 from model_folder import repository
@@ -32,7 +32,7 @@ from model_folder.errors import ModelFolderError
 from model_folder.repository import ModelEntry, VersionFolder
 from service import metrics
 from service.inference import Classifier, ModelVersion
-from service.registry import Models, State
+from service.registry import Models, Phase, State
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,6 @@ LOAD_SWITCH_INTERVAL_S = 0.0005
 LOAD_LOCK_ENV = "CNN_SERVING_LOAD_LOCK"
 # Load one version: (its folder, model name, version) -> a warm ModelVersion.
 Loader = Callable[[Path, str, str], ModelVersion]
-
-
-class Phase(StrEnum):
-    """Where the worker is in its life."""
-
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -69,15 +60,18 @@ class ModelManager:
         models: Models,
         classifier: Classifier | None = None,
         loader: Loader | None = None,
+        runner: str = "0",
     ) -> None:
         """Serve `classifier` alone if given (no folder, no reloads); else load from the folder
-        of settings, with `loader` (default: Keras, through service.runtime)."""
+        of settings, with `loader` (default: Keras through service.runtime, or the stand-in
+        runtime settings.runtime names)."""
         self.settings = settings
         self.models = models
+        self.runner = runner
         self.phase = Phase.STARTING
         self.failure = ""
         self._given = classifier
-        self._loader = loader or self._load_with_keras
+        self._loader = loader or self._load_with_runtime
         self._started = threading.Event()
         self._wake = threading.Event()
         self._force = False
@@ -107,15 +101,6 @@ class ModelManager:
         self._force = True
         self._wake.set()
 
-    def drain(self) -> bool:
-        """Report not-ready from now on, still answering what arrives; False if already so."""
-        if self.phase is Phase.DRAINING:
-            return False
-        self.phase = Phase.DRAINING
-        metrics.READY.set(0)
-        log.info("draining: readiness now reports 503")
-        return True
-
     def close(self, timeout: float | None = None) -> None:
         """Stop watching, finish queued work and stop every version's batcher."""
         self._closed = True
@@ -142,33 +127,6 @@ class ModelManager:
                 return
             time.sleep(1.0)
 
-    def readiness(self) -> dict[str, object]:
-        """Describe the worker for /readyz: its phase, and every model version with its state."""
-        status = self.phase.value
-        if self.phase is Phase.READY and not self.ready:
-            status = "batcher_stopped" if not self.alive else "no_model"
-        rows = []
-        for version in self.models.statuses():
-            row: dict[str, object] = {
-                "name": version.model,
-                "version": version.version,
-                "state": version.state.value,
-            }
-            if version.served is not None:
-                info = version.served.info
-                row |= {
-                    "input_shape": list(info.input_shape),
-                    "classes": len(info.labels),
-                    "device": info.device,
-                }
-            if version.error:
-                row["error"] = version.error
-            rows.append(row)
-        body: dict[str, object] = {"status": status, "models": rows}
-        if self.failure:
-            body["error"] = self.failure
-        return body
-
     def _run(self) -> None:
         self._start()
         if self._given is not None or self.phase is Phase.FAILED:
@@ -194,9 +152,10 @@ class ModelManager:
         started = time.monotonic()
         try:
             if self._given is not None:
-                self._publish(ModelVersion(self._given, self.settings), started)
+                given = ModelVersion(self._given, self.settings, self.models.changed, self.runner)
+                self._publish(given, started)
             else:
-                if self._loader == self._load_with_keras:
+                if self._loader == self._load_with_runtime and not self.settings.runtime:
                     from service import runtime  # noqa: F401 - TensorFlow and Keras, imported
                 _freeze_what_is_loaded()
                 self.sync(force=True)
@@ -208,15 +167,14 @@ class ModelManager:
                 self._fail("; ".join(refused) or f"{self.settings.model_path}: no model to serve")
             elif self.phase is Phase.STARTING:
                 self.phase = Phase.READY
-                self.models.unready_reason = None
-                metrics.READY.set(1)
+                self.models.set_unready_reason(None)
         finally:
             self._started.set()
 
     def _fail(self, message: str) -> None:
         self.phase = Phase.FAILED
         self.failure = message
-        self.models.unready_reason = f"the models failed to load: {message}"
+        self.models.set_unready_reason(f"the models failed to load: {message}")
         log.error("model failed to start: %s", message)
 
     # --- bringing the registry to what is on disk ------------------------------------------
@@ -346,6 +304,11 @@ class ModelManager:
 
     def _unload(self, served: ModelVersion) -> None:
         info = served.info
+        # A worker may have resolved this version just before its retirement and still be
+        # reading the upload: keep it for a request's timeout, then for those it holds.
+        kept_until = time.monotonic() + self.settings.request_timeout_s
+        while not self._closed and time.monotonic() < kept_until:
+            time.sleep(min(0.1, max(0.0, kept_until - time.monotonic())))
         lifetime_s = self.settings.request_lifetime_s
         if not served.wait_idle(lifetime_s + 1.0):
             log.warning(
@@ -369,17 +332,23 @@ class ModelManager:
             },
         )
 
-    def _load_with_keras(self, folder: Path, name: str, version: str) -> ModelVersion:
-        from service.runtime import load_classifier  # the only path into Keras
+    def _load_with_runtime(self, folder: Path, name: str, version: str) -> ModelVersion:
+        if self.settings.runtime:
+            # A stand-in runtime (tests, benchmarks): "module:function" taking the same.
+            module, _, function = self.settings.runtime.partition(":")
+            load = getattr(importlib.import_module(module), function)
+            classifier = load(folder, self.settings, name, version)
+        else:
+            from service.runtime import load_classifier  # the only path into Keras
 
-        classifier = load_classifier(
-            folder,
-            self.settings.max_batch_size,
-            self.settings.tf_threads,
-            name=name,
-            version=version,
-        )
-        return ModelVersion(classifier, self.settings)
+            classifier = load_classifier(
+                folder,
+                self.settings.max_batch_size,
+                self.settings.tf_threads,
+                name=name,
+                version=version,
+            )
+        return ModelVersion(classifier, self.settings, self.models.changed, self.runner)
 
 
 @contextlib.contextmanager

@@ -11,8 +11,8 @@ from pathlib import Path
 from model_folder.errors import ModelFolderError
 from model_folder.repository import VersionPolicy
 
-# More workers than this each hold a model copy for little gain; set WORKERS to go beyond.
-MAX_AUTO_WORKERS = 8
+# cgroup v2's CPU quota of this process's container: "<quota> <period>", or "max <period>".
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 # Seconds a stopping worker is given, past its last request's lifetime, to finish exiting.
 GRACEFUL_MARGIN_S = 5
 # Keras backends a worker serves on (service/runtime.py).
@@ -47,8 +47,8 @@ class Settings:
     port: int = 8080
     # Port of a separate /metrics listener (on HOST); 0: /metrics is served on PORT.
     metrics_port: int = 0
-    # Gunicorn worker processes, each with its own model and batcher (about 600 MB each); 0: one
-    # per CPU core this process may use, at most 8. On GPU nodes: one per GPU.
+    # Gunicorn worker processes: they read requests and decode images, and hold no model;
+    # 0: one per CPU core this process may use (its affinity and cgroup quota).
     workers: int = 0
     # Request threads per worker: they parse and decode uploads while the batcher runs the model.
     threads: int = 16
@@ -57,8 +57,9 @@ class Settings:
     max_batch_size: int = 0
     # Longest wait after a batch's first image for more images, and only while more are arriving.
     max_batch_delay_ms: float = 5.0
-    # Images that may wait in a worker's queue; past this, requests are shed with 503.
-    max_queue: int = 256
+    # Images that may wait in a runner's queue of one version; past this, requests are shed
+    # with 503.
+    max_queue: int = 512
     # Deadline of a request, from arrival to answer; a client may ask for less. A request whose
     # batch is already running when it passes waits up to this long again for that batch.
     request_timeout_s: float = 10.0
@@ -70,7 +71,7 @@ class Settings:
     max_images_per_request: int = 64
     # Seconds a worker keeps serving after SIGTERM, answering /readyz with 503, before it stops.
     drain_s: float = 1.0
-    # TensorFlow intra-op threads per worker; 0: the usable cores shared out among the workers.
+    # TensorFlow intra-op threads per runner; 0: the usable cores shared out among the runners.
     tf_intra_op_threads: int = 0
     # Bearer token required on /predict and /v1/models; empty means no authentication.
     api_token: str = ""
@@ -78,6 +79,12 @@ class Settings:
     api_token_file: str = ""
     # Python logging level of the service's JSON logs.
     log_level: str = "INFO"
+    # Runner processes, each holding every model and batching for all workers; 0: one per
+    # visible GPU, else one.
+    runners: int = 0
+    # A stand-in for Keras in the runners, "module:function" loading a classifier from
+    # (folder, settings, name, version): for tests and benchmarks only, never in production.
+    runtime: str = ""
 
     def __post_init__(self) -> None:
         positive = (
@@ -98,6 +105,7 @@ class Settings:
             "drain_s",
             "tf_intra_op_threads",
             "model_poll_s",
+            "runners",
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name.upper()} must not be negative")
@@ -151,13 +159,18 @@ class Settings:
 
     @property
     def worker_count(self) -> int:
-        """Return the number of gunicorn workers to run (resolving 0 to the core count)."""
-        return self.workers or min(_usable_cores(), MAX_AUTO_WORKERS)
+        """Return the number of gunicorn workers to run (resolving 0 to the usable cores)."""
+        return self.workers or usable_cores()
+
+    @property
+    def runner_count(self) -> int:
+        """Return the number of runners (resolving 0 to the visible GPUs, or one)."""
+        return self.runners or max(1, len(visible_gpus()))
 
     @property
     def tf_threads(self) -> int:
-        """Return TensorFlow's intra-op threads per worker (resolving 0 to a share of cores)."""
-        return self.tf_intra_op_threads or max(1, _usable_cores() // self.worker_count)
+        """Return TensorFlow's intra-op threads per runner (resolving 0 to a share of cores)."""
+        return self.tf_intra_op_threads or max(1, usable_cores() // self.runner_count)
 
     @property
     def running_batch_grace_s(self) -> float:
@@ -199,6 +212,24 @@ def _parse(name: str, raw: str, kind: type) -> object:
         raise SettingsError(f"{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
 
 
-def _usable_cores() -> int:
-    # The cores this process may run on (taskset, cpusets), not all of the machine's.
-    return len(os.sched_getaffinity(0))
+def usable_cores() -> int:
+    """Return the cores this process may use: its affinity (taskset, cpusets), capped by its
+    cgroup's CPU quota (a container's limit), not all of the machine's."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path(CGROUP_CPU_MAX).read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
+
+
+def visible_gpus() -> list[str]:
+    """Return the NVIDIA GPUs this process may use, as CUDA numbers them, without a runtime:
+    CUDA_VISIBLE_DEVICES if set, else the driver's device files."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [gpu for gpu in visible.split(",") if gpu.strip() and gpu.strip() != "-1"]
+    found = sorted(Path("/dev").glob("nvidia[0-9]*"), key=lambda p: int(p.name[6:]))
+    return [path.name[6:] for path in found]

@@ -68,6 +68,8 @@ def cnn():
 
 # The per-model metric labels of the model model_dir serves (its version 2, named "shapes").
 MODEL_LABELS = {"model": "shapes", "version": "2"}
+# And of the batch, queue and forward-pass metrics, which come from runner 0.
+RUNNER_LABELS = {**MODEL_LABELS, "runner": "0"}
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +104,7 @@ def app(settings, classifier):
 
     application = create_app(settings, classifier)
     yield application
-    application.extensions["model_manager"].close(timeout=5)
+    application.extensions["runner"].close(timeout=5)
 
 
 @pytest.fixture
@@ -250,7 +252,8 @@ def fault_server(server_factory, model_dir, tmp_path):
 
     def start(**env: str) -> tuple[Server, FaultControl]:
         env = {"FAULT_DIR": str(control.fault_dir), **env}
-        return server_factory(model_dir, app="tests.fault_app:create()", **env), control
+        env = {"RUNTIME": "tests.fault_app:load", **env}
+        return server_factory(model_dir, **env), control
 
     yield start
     control.release_all()

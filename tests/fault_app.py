@@ -1,12 +1,14 @@
-"""A test-only gunicorn app: the real service around a model that misbehaves on command.
+"""A test-only runtime: the real model, wrapped to misbehave on command, in the runners.
 
 The model is the real one loaded from MODEL_DIR, wrapped so that a batch holding an image
 of one flat colour does something bad: all black (0) fails the forward pass, all white (255)
 kills the inference thread, and mid grey (128) holds the forward pass until the test
 releases it. Holding is synchronised through files in FAULT_DIR, since the test runs in
 another process: the model touches `held-<n>` when its n-th held batch starts, and waits for
-the test to create `release-<n>` (or `release-all`).
-Run: gunicorn -c python:service.gunicorn_conf 'tests.fault_app:create()'
+the test to create `release-<n>` (or `release-all`); a restarted runner counts from 1 again.
+FAULT_FORWARD_S makes every forward pass last that long, as on a busy device; while
+FAULT_DIR/fail-load exists, every version fails to load.
+Run: RUNTIME=tests.fault_app:load cnn-serve ...
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_folder.repository import scan_model_dir, version_key
-from service.app import create_app
+from model_folder.errors import ModelFolderError
 from service.runtime import load_classifier
 from service.settings import Settings
 
@@ -61,8 +62,12 @@ class MisbehavingClassifier(WrappedClassifier):
         super().__init__(inner)
         self.fault_dir = fault_dir
         self._held = itertools.count(1)
+        # A slow device: every forward pass takes at least this long (FAULT_FORWARD_S).
+        self.forward_s = float(os.environ.get("FAULT_FORWARD_S", "0"))
 
     def predict_batch(self, inputs: np.ndarray) -> np.ndarray:
+        if self.forward_s:
+            time.sleep(self.forward_s)
         flat = self.flat_values(inputs)
         if 0 in flat:
             raise RuntimeError("injected forward-pass failure")
@@ -80,19 +85,16 @@ class MisbehavingClassifier(WrappedClassifier):
             time.sleep(0.005)
 
 
-def create():
-    """Build the service app around the misbehaving model."""
-    settings = Settings.from_env()
-    entry = scan_model_dir(settings.model_path)
-    newest = max(entry.versions.values(), key=lambda folder: version_key(folder.version))
+def load(folder: Path, settings: Settings, name: str, version: str) -> MisbehavingClassifier:
+    """Load a version as the service does, wrapped to misbehave (the runners' RUNTIME); fail
+    while the test has made FAULT_DIR/fail-load."""
+    fault_dir = Path(os.environ["FAULT_DIR"])
+    if (fault_dir / "fail-load").exists():
+        raise ModelFolderError(f"{folder}: injected load failure")
     inner = load_classifier(
-        newest.path,
-        settings.max_batch_size,
-        settings.tf_threads,
-        name=entry.name,
-        version=newest.version,
+        folder, settings.max_batch_size, settings.tf_threads, name=name, version=version
     )
-    return create_app(settings, MisbehavingClassifier(inner, Path(os.environ["FAULT_DIR"])))
+    return MisbehavingClassifier(inner, fault_dir)
 
 
 class FaultControl:

@@ -65,9 +65,9 @@ def post_png(url: str, data: bytes, query: str = "", **headers: str) -> requests
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_status.lua"
 
 
-def worker_pids(master_pid: int) -> list[int]:
-    """Return the PIDs of the gunicorn workers (the master's children)."""
-    children = []
+def children(master_pid: int) -> list[int]:
+    """Return the PIDs of the master's children: its workers and runners."""
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -75,8 +75,25 @@ def worker_pids(master_pid: int) -> list[int]:
             except OSError:
                 continue  # gone meanwhile
             if f"\nPPid:\t{master_pid}\n" in status:
-                children.append(int(entry))
-    return sorted(children)
+                found.append(int(entry))
+    return sorted(found)
+
+
+def _is_runner(pid: int) -> bool:
+    try:
+        return b"service.runner" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def worker_pids(master_pid: int) -> list[int]:
+    """Return the PIDs of the gunicorn workers (the master's children that are no runner)."""
+    return [pid for pid in children(master_pid) if not _is_runner(pid)]
+
+
+def runner_pids(master_pid: int) -> list[int]:
+    """Return the PIDs of the runners (`python -m service.runner`, the master's children)."""
+    return [pid for pid in children(master_pid) if _is_runner(pid)]
 
 
 def proc_status(pid: int, field: str) -> int:

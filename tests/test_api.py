@@ -176,7 +176,7 @@ def served_probabilities(folder, model, data: bytes) -> tuple[np.ndarray, np.nda
         served = np.array(response.get_json()["predictions"][0]["probabilities"])
         spec = app.extensions["models"].find().info.spec
     finally:
-        app.extensions["model_manager"].close(timeout=5)
+        app.extensions["runner"].close(timeout=5)
     return served, expected_probabilities(model, data, spec)
 
 
@@ -292,14 +292,15 @@ def test_not_ready_until_the_model_has_loaded(tmp_path):
     ready = client.get("/readyz")
     assert ready.status_code == 503
     assert "model folder does not exist" in ready.get_json()["error"]
-    assert client.get("/healthz").status_code == 503
+    # The worker is healthy: it is the runner that fails, and the master restarts runners.
+    assert client.get("/healthz").status_code == 200
     assert_error(
         client.post("/predict", data=image_bytes(), content_type="image/png"), 503, "not_ready"
     )
 
 
 def test_draining_reports_not_ready_but_still_answers(app, client):
-    app.extensions["model_manager"].drain()
+    app.extensions["catalogue"].drain()
     assert client.get("/readyz").status_code == 503
     assert client.get("/readyz").get_json()["status"] == "draining"
     assert client.post("/predict", data=image_bytes(), content_type="image/png").status_code == 200

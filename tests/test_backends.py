@@ -21,7 +21,7 @@ from tests.conftest import (
     run_python,
     write_model,
 )
-from tests.load import only_worker
+from tests.load import runner_pids
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,8 @@ def test_a_server_on_jax_answers_what_the_model_computes_without_tensorflow(
         got = response.json()["predictions"][0]["probabilities"]
         want = expected_probabilities(cnn, data, classifier.info.spec)
         np.testing.assert_allclose(got, want, atol=1e-5)
-    # One runtime per worker: the JAX one, with no TensorFlow library mapped.
-    maps = Path(f"/proc/{only_worker(server.process.pid)}/maps").read_text()
+    # One runtime in the runner: the JAX one, with no TensorFlow library mapped.
+    [runner] = runner_pids(server.process.pid)
+    maps = Path(f"/proc/{runner}/maps").read_text()
     assert "xla_extension" in maps or "jaxlib" in maps
     assert "libtensorflow" not in maps and "_pywrap_tensorflow" not in maps

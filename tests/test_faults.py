@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import MODEL_LABELS, free_port, image_bytes
+from tests.conftest import RUNNER_LABELS, free_port, image_bytes
 from tests.load import metric, post_png, wait_for_metric
 
 pytestmark = pytest.mark.slow
@@ -92,7 +92,7 @@ def test_request_that_cannot_meet_its_deadline_is_refused_at_once(fault_server):
     held = in_background(post_png, server.url, GREY)
     control.wait_held(2)
     queued = in_background(post_png, server.url, image_bytes(seed=5))
-    wait_for_metric(server.url, "cnn_batch_queue_depth", 1, **MODEL_LABELS)
+    wait_for_metric(server.url, "cnn_batch_queue_depth", 1, **RUNNER_LABELS)
     # Estimated wait: one more batch of >= 1 s, past this request's 0.5 s deadline.
     refused = post_png(server.url, image_bytes(seed=6), "", **{"X-Request-Timeout": "0.5"})
     assert refused.status_code == 503, refused.text
@@ -157,5 +157,5 @@ def test_metrics_can_live_on_their_own_port(server_factory, model_dir):
     assert post_png(server.url, image_bytes()).status_code == 200
     separate = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
     assert separate.status_code == 200
-    assert metric(separate.text, "cnn_images_predicted_total", **MODEL_LABELS) == 1
+    assert metric(separate.text, "cnn_images_predicted_total", **RUNNER_LABELS) == 1
     assert requests.get(server.url + "/metrics", timeout=5).status_code == 404

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from tests.conftest import MODEL_LABELS, distinct_images, image_bytes
+from tests.conftest import MODEL_LABELS, RUNNER_LABELS, distinct_images, image_bytes
 from tests.fault_app import WrappedClassifier
 
 PREDICT_OK = {"endpoint": "/predict", "status": "200"}
@@ -51,9 +51,9 @@ def post_images(client, images: list[bytes]):
 
 def test_one_request_of_three_images_counts_three_images(client):
     watched = (
-        ("cnn_images_predicted_total", MODEL_LABELS),
+        ("cnn_images_predicted_total", RUNNER_LABELS),
         ("cnn_preprocess_duration_seconds_count", MODEL_LABELS),
-        ("cnn_batch_size_sum", MODEL_LABELS),
+        ("cnn_batch_size_sum", RUNNER_LABELS),
         ("cnn_http_request_duration_seconds_count", PREDICT_OK),
     )
     before = values(*watched)
@@ -89,8 +89,8 @@ def test_each_request_adds_its_duration_to_the_request_histogram(client):
 def test_a_bad_image_counts_one_error_and_no_prediction(client):
     watched = (
         ("cnn_errors_total", INVALID_IMAGE),
-        ("cnn_images_predicted_total", MODEL_LABELS),
-        ("cnn_batch_size_sum", MODEL_LABELS),
+        ("cnn_images_predicted_total", RUNNER_LABELS),
+        ("cnn_batch_size_sum", RUNNER_LABELS),
         ("cnn_http_request_duration_seconds_count", PREDICT_BAD),
         ("cnn_http_request_duration_seconds_count", PREDICT_OK),
     )
@@ -103,13 +103,13 @@ def test_a_bad_image_counts_one_error_and_no_prediction(client):
 
 
 def test_queue_depth_is_back_to_its_idle_value_after_requests_and_errors(client):
-    idle = value("cnn_batch_queue_depth", MODEL_LABELS)
+    idle = value("cnn_batch_queue_depth", RUNNER_LABELS)
     assert post_images(client, distinct_images(3)).status_code == 200
-    assert value("cnn_batch_queue_depth", MODEL_LABELS) == idle
+    assert value("cnn_batch_queue_depth", RUNNER_LABELS) == idle
     assert post_images(client, [image_bytes(), b"junk"]).status_code == 400
-    assert value("cnn_batch_queue_depth", MODEL_LABELS) == idle
+    assert value("cnn_batch_queue_depth", RUNNER_LABELS) == idle
     assert post_images(client, distinct_images(2)).status_code == 200
-    assert value("cnn_batch_queue_depth", MODEL_LABELS) == idle
+    assert value("cnn_batch_queue_depth", RUNNER_LABELS) == idle
 
 
 def test_a_failed_forward_pass_counts_one_error_no_prediction_and_empties_the_queue(
@@ -119,14 +119,14 @@ def test_a_failed_forward_pass_counts_one_error_no_prediction_and_empties_the_qu
     app = create_app(settings, BrokenForwardPass(classifier))
     watched = (
         ("cnn_errors_total", {"code": "inference_failed"}),
-        ("cnn_images_predicted_total", MODEL_LABELS),
-        ("cnn_batch_queue_depth", MODEL_LABELS),
+        ("cnn_images_predicted_total", RUNNER_LABELS),
+        ("cnn_batch_queue_depth", RUNNER_LABELS),
     )
     before = values(*watched)
     try:
         response = post_images(app.test_client(), distinct_images(2))
     finally:
-        app.extensions["model_manager"].close(timeout=5)
+        app.extensions["runner"].close(timeout=5)
     assert response.status_code == 500
     assert response.get_json()["error"]["code"] == "inference_failed"
     after = values(*watched)
@@ -142,10 +142,10 @@ def test_the_exposition_reports_the_registry_values(client):
         for sample in family.samples
     }
     for name, labels in (
-        ("cnn_images_predicted_total", MODEL_LABELS),
+        ("cnn_images_predicted_total", RUNNER_LABELS),
         ("cnn_preprocess_duration_seconds_count", MODEL_LABELS),
-        ("cnn_batch_size_sum", MODEL_LABELS),
+        ("cnn_batch_size_sum", RUNNER_LABELS),
         ("cnn_errors_total", INVALID_IMAGE),
-        ("cnn_batch_queue_depth", MODEL_LABELS),
+        ("cnn_batch_queue_depth", RUNNER_LABELS),
     ):
         assert samples.get((name, tuple(sorted(labels.items()))), 0.0) == value(name, labels)

@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram, multiprocess, values
 
 from service import metric_values
 from tests.conftest import (
-    MODEL_LABELS,
+    RUNNER_LABELS,
     Server,
     distinct_images,
     free_port,
@@ -306,7 +306,7 @@ def test_a_full_metrics_folder_costs_metrics_not_requests(
     wait_until(recovered, "the kept values reached the files")
     text = scrape(metrics_url)
     # The first worker's count was in its file; the replacement's was kept, then written.
-    assert metric(text, "cnn_images_predicted_total", **MODEL_LABELS) == predicted
+    assert metric(text, "cnn_images_predicted_total", **RUNNER_LABELS) == predicted
     assert metric(text, "cnn_errors_total", code="unsupported_media_type") == unsupported
     assert worker_pids(server.process.pid) == [replacement]
     assert boots(server) == 2

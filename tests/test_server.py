@@ -19,13 +19,13 @@ import requests
 
 from tests.conftest import (
     LABELS,
-    MODEL_LABELS,
+    RUNNER_LABELS,
     distinct_images,
     expected_probabilities,
     image_bytes,
     run_python,
 )
-from tests.load import metric, only_worker, post_png
+from tests.load import children, metric, post_png, runner_pids, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -88,9 +88,9 @@ def test_burst_of_64_distinct_images_each_gets_its_own_answer_in_batches(
         got = response.json()["predictions"][0]["probabilities"]
         np.testing.assert_allclose(got, want, atol=1e-5)
     text = requests.get(server.url + "/metrics", timeout=5).text
-    batches = metric(text, "cnn_batch_size_count", **MODEL_LABELS)
-    singles = metric(text, "cnn_batch_size_bucket", le="1.0", **MODEL_LABELS)
-    assert metric(text, "cnn_images_predicted_total", **MODEL_LABELS) == 64
+    batches = metric(text, "cnn_batch_size_count", **RUNNER_LABELS)
+    singles = metric(text, "cnn_batch_size_bucket", le="1.0", **RUNNER_LABELS)
+    assert metric(text, "cnn_images_predicted_total", **RUNNER_LABELS) == 64
     assert batches < 64, "64 concurrent images ran in 64 forward passes: no batching"
     assert singles < batches, "no forward pass held more than one image"
 
@@ -128,7 +128,7 @@ def test_metrics_add_up_across_two_workers(server_factory, model_dir):
         assert post_png(server.url, data, Connection="close").status_code == 200
     scrapes = [requests.get(server.url + "/metrics", timeout=5).text for _ in range(4)]
     for text in scrapes:
-        assert metric(text, "cnn_images_predicted_total", **MODEL_LABELS) == 20
+        assert metric(text, "cnn_images_predicted_total", **RUNNER_LABELS) == 20
     assert "cnn_model_info{" in scrapes[0]
 
 
@@ -204,21 +204,22 @@ def test_the_launcher_and_workers_never_import_matplotlib(server_factory, model_
     )
     assert checked.stdout.splitlines()[-1].split() == ["0", "True", "False"], checked.stderr
     server = server_factory(model_dir)
-    pids = [server.process.pid, only_worker(server.process.pid)]
+    pids = [server.process.pid, *children(server.process.pid)]
     assert requests.post(server.url + "/predict", files={"image": image_bytes()}).ok
     assert [pid for pid in pids if _maps_matplotlib(pid)] == []
 
 
-def test_on_jax_the_master_imports_keras_once_before_the_fork_and_never_tensorflow(
+def test_on_jax_the_runner_alone_maps_jax_and_no_process_maps_tensorflow(
     server_factory, model_dir, cnn, classifier
 ):
     jax_server = server_factory(model_dir, KERAS_BACKEND="jax")
-    tf_server = server_factory(model_dir, KERAS_BACKEND="tensorflow")
-    jax_master = Path(f"/proc/{jax_server.process.pid}/maps").read_text()
-    tf_master = Path(f"/proc/{tf_server.process.pid}/maps").read_text()
-    assert "jaxlib" in jax_master and "tensorflow" not in jax_master
-    assert "tensorflow" not in tf_master
-    # The worker forked after that import runs JAX's backend and answers as the model does.
+    master = jax_server.process.pid
+    [runner] = runner_pids(master)
+    for pid in [master, *worker_pids(master)]:
+        assert "jaxlib" not in Path(f"/proc/{pid}/maps").read_text()
+    runner_maps = Path(f"/proc/{runner}/maps").read_text()
+    assert "jaxlib" in runner_maps and "tensorflow" not in runner_maps
+    # The runner runs JAX's backend and answers as the model does.
     data = image_bytes()
     expected = expected_probabilities(cnn, data, classifier.info.spec)
     response = requests.post(jax_server.url + "/predict", files={"image": data}, timeout=30)

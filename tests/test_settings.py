@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import MAX_AUTO_WORKERS, Settings, SettingsError
+from service.settings import Settings, SettingsError
 
 
 def test_environment_variables_set_fields_and_overrides_win():
@@ -39,11 +39,14 @@ def test_as_env_round_trips():
     assert Settings.from_env(settings.as_env()) == settings
 
 
-def test_workers_and_tensorflow_threads_share_out_the_cores():
+def test_a_worker_per_core_and_the_runners_share_tensorflows_threads(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("service.settings.CGROUP_CPU_MAX", "/nonexistent")
     cores = len(os.sched_getaffinity(0))
     auto = Settings()
-    assert auto.worker_count == min(cores, MAX_AUTO_WORKERS)
-    assert auto.tf_threads == max(1, cores // auto.worker_count)
+    assert auto.worker_count == cores
+    assert auto.runner_count == 1 or Path("/dev/nvidia0").exists()
+    assert Settings(runners=2).tf_threads == max(1, cores // 2)
     explicit = Settings(workers=1, tf_intra_op_threads=3)
     assert (explicit.worker_count, explicit.tf_threads) == (1, 3)
 
@@ -86,12 +89,23 @@ def test_graceful_timeout_outlasts_the_drain_and_a_requests_whole_lifetime():
     assert settings.graceful_timeout_s == 15  # ceil(1.5 + 8 + the 5 s exit margin)
 
 
-def test_automatic_workers_stop_at_eight_on_a_big_machine(monkeypatch):
-    # The machine's core count is the environment, not the code under test: pretend 32.
-    monkeypatch.setattr("service.settings._usable_cores", lambda: 32)
-    assert Settings().worker_count == MAX_AUTO_WORKERS == 8
-    assert Settings().tf_threads == 4
+def test_automatic_workers_follow_the_cgroup_cpu_quota(monkeypatch, tmp_path):
+    # The machine's cores and quota are the environment, not the code under test: pretend.
+    monkeypatch.setattr("service.settings.os.sched_getaffinity", lambda pid: set(range(32)))
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr("service.settings.CGROUP_CPU_MAX", str(quota))
+    quota.write_text("150000 100000\n")  # 1.5 CPUs: two workers keep them busy
+    assert Settings().worker_count == 2
+    quota.write_text("max 100000\n")
+    assert Settings().worker_count == 32
     assert Settings(workers=12).worker_count == 12
+
+
+@pytest.mark.parametrize(("visible", "runners"), [("0,1", 2), ("3", 1), ("", 1), ("-1", 1)])
+def test_one_runner_per_visible_gpu_by_default(monkeypatch, visible, runners):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert Settings().runner_count == runners
+    assert Settings(runners=3).runner_count == 3
 
 
 def test_a_request_may_carry_as_many_images_as_the_queue_holds_but_no_more():

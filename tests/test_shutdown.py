@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.settings import Settings
-from tests.conftest import MODEL_LABELS, distinct_images
+from tests.conftest import RUNNER_LABELS, distinct_images
 from tests.fault_app import FaultControl
 from tests.load import post_png, wait_for_metric
 from tests.test_faults import GREY
@@ -42,7 +42,7 @@ def hold_and_queue(server, control: FaultControl, pool: ThreadPoolExecutor, queu
     futures = [pool.submit(post_png, server.url, GREY)]
     control.wait_held(1)
     futures += [pool.submit(post_png, server.url, data) for data in distinct_images(queued)]
-    wait_for_metric(server.url, "cnn_batch_queue_depth", queued, **MODEL_LABELS)
+    wait_for_metric(server.url, "cnn_batch_queue_depth", queued, **RUNNER_LABELS)
     return futures
 
 

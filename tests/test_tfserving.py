@@ -224,7 +224,7 @@ def test_missing_token_is_401(model_dir, classifier):
 
 
 def test_draining_reports_unloading_and_still_answers(app, client):
-    app.extensions["model_manager"].drain()
+    app.extensions["catalogue"].drain()
     status = client.get(MODEL).get_json()["model_version_status"][0]
     assert status["state"] == "UNLOADING"
     body = {"instances": model_tensor(1).tolist()}

@@ -265,7 +265,7 @@ def small_app(model_dir, classifier):
     )
     app = create_app(settings, classifier)
     yield app
-    app.extensions["model_manager"].close(timeout=5)
+    app.extensions["runner"].close(timeout=5)
 
 
 def test_too_many_images_and_too_large_a_body_are_413(small_app):
@@ -279,7 +279,7 @@ def test_too_many_images_and_too_large_a_body_are_413(small_app):
 
 
 def test_stopped_model_is_503_with_retry_after(app, client):
-    app.extensions["model_manager"].close(timeout=5)
+    app.extensions["runner"].close(timeout=5)
     response = client.post(V2 + "/infer", json=pixel_request())
     assert_v2_error(response, 503)
     assert response.headers["Retry-After"]

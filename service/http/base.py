@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service import metrics
 from service.errors import InvalidRequest, PayloadTooLarge, ServiceError, Unauthorized
-from service.inference import ModelVersion, Upload
+from service.frontend.versions import RemoteVersion, Upload
 from service.registry import Models
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ ErrorBody = Callable[[str, str], object]
 
 def lease(
     name: str | None = None, version: str | None = None, label: str | None = None
-) -> ModelVersion:
+) -> RemoteVersion:
     """Return the model version a request asked for, held until the request is answered."""
     models: Models = current_app.extensions["models"]
     served = models.acquire(name, version, label)

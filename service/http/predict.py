@@ -9,6 +9,7 @@ import orjson
 from flask import Blueprint, Request, Response, current_app, g, request
 
 from service.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from service.frontend.versions import RemoteVersion, Upload
 from service.http.base import (
     authorize,
     b64_upload,
@@ -17,7 +18,6 @@ from service.http.base import (
     number_parameter,
     read_body,
 )
-from service.inference import ModelVersion, Upload
 from service.settings import Settings
 
 blueprint = Blueprint("predict", __name__)
@@ -37,7 +37,7 @@ def predict() -> Response:
     read_at = time.perf_counter()
     uploads = read_uploads(request, settings.max_images_per_request)
     predict_at = time.perf_counter()
-    probabilities = service.predict(uploads, deadline=g.deadline)
+    probabilities = service.predict(uploads, deadline=g.deadline, request_id=g.request_id)
     answered_at = time.perf_counter()
     response = json_response(prediction_body(service, probabilities, top_k))
     # The standard Server-Timing header: where the time went, for any client to show.
@@ -54,7 +54,7 @@ def server_timing(**durations_s: float) -> str:
     return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in durations_s.items())
 
 
-def prediction_body(service: ModelVersion, outputs: list[np.ndarray], top_k: int) -> dict:
+def prediction_body(service: RemoteVersion, outputs: list[np.ndarray], top_k: int) -> dict:
     """Shape the model's outputs as the /predict response contract."""
     info = service.info
     labels = info.labels

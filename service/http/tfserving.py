@@ -14,6 +14,7 @@ from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from service.errors import InvalidRequest, PayloadTooLarge
+from service.frontend.versions import RemoteVersion
 from service.http.base import (
     authorize,
     b64_upload,
@@ -22,9 +23,7 @@ from service.http.base import (
     message_only,
     read_body,
 )
-from service.inference import ModelVersion
-from service.registry import Models, State
-from service.reloader import Phase
+from service.registry import Models, Phase, State
 from service.settings import Settings
 
 PATH_PREFIX = "/v1"
@@ -78,7 +77,7 @@ def _status(models: Models, name: str, version: str | None) -> dict:
     statuses = [s for s in models.statuses(name) if version in (None, s.version)]
     if not statuses:
         models.find(name, version)  # raises the 404 that names what is served
-    draining = current_app.extensions["model_manager"].phase is Phase.DRAINING
+    draining = current_app.extensions["catalogue"].phase is Phase.DRAINING
     rows = []
     for status in reversed(statuses):  # newest first, as TF Serving lists them
         state, code = status.state.value, "OK"
@@ -91,7 +90,7 @@ def _status(models: Models, name: str, version: str | None) -> dict:
     return {"model_version_status": rows}
 
 
-def _metadata(service: ModelVersion) -> dict:
+def _metadata(service: RemoteVersion) -> dict:
     """Describe the model as a GetModelMetadataResponse with one signature_def."""
     info = service.info
 
@@ -113,7 +112,7 @@ def _metadata(service: ModelVersion) -> dict:
     }
 
 
-def _predict(service: ModelVersion) -> Response:
+def _predict(service: RemoteVersion) -> Response:
     document = _request_document()
     if ("instances" in document) == ("inputs" in document):
         raise InvalidRequest('send exactly one of "instances" (row) or "inputs" (columnar)')
@@ -129,7 +128,7 @@ def _predict(service: ModelVersion) -> Response:
     return json_response({"outputs": _run(service, columns, "inputs")})
 
 
-def _classify(service: ModelVersion) -> Response:
+def _classify(service: RemoteVersion) -> Response:
     examples = _request_document().get("examples")
     if not isinstance(examples, list):
         raise InvalidRequest(
@@ -173,7 +172,7 @@ def _unnamed(value: object, where: str) -> object:
     return value
 
 
-def _run(service: ModelVersion, images: list, where: str) -> list[list[float]]:
+def _run(service: RemoteVersion, images: list, where: str) -> list[list[float]]:
     """Return the probabilities of b64 images or of one float tensor, in order."""
     settings: Settings = current_app.config["SETTINGS"]
     if not images:
@@ -183,7 +182,7 @@ def _run(service: ModelVersion, images: list, where: str) -> list[list[float]]:
         raise PayloadTooLarge(f"{len(images)} images in one request; the limit is {limit}")
     if all(isinstance(image, dict) for image in images):
         uploads = [b64_upload(f"{where}[{i}]", image) for i, image in enumerate(images)]
-        outputs = service.predict(uploads, deadline=g.deadline)
+        outputs = service.predict(uploads, deadline=g.deadline, request_id=g.request_id)
     else:
         try:
             batch = np.asarray(images, dtype=np.float32)
@@ -192,5 +191,5 @@ def _run(service: ModelVersion, images: list, where: str) -> list[list[float]]:
                 f"{where}: each image must be {{'b64': ...}} or a nested list of numbers "
                 "of the model's input shape"
             ) from None
-        outputs = service.predict_tensor(batch, deadline=g.deadline)
+        outputs = service.predict_tensor(batch, deadline=g.deadline, request_id=g.request_id)
     return [output.tolist() for output in outputs]

@@ -21,12 +21,12 @@ from service.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from service.frontend.catalogue import Catalogue
+from service.frontend.versions import RemoteVersion, Upload
 from service.http import v2_codec
 from service.http.base import authorize, json_response, lease, message_only, read_body
 from service.http.v2_codec import InputTensor, OutputTensor
-from service.inference import ModelVersion, Upload
 from service.registry import Models, State
-from service.reloader import ModelManager
 from service.settings import Settings
 
 PATH_PREFIX = "/v2"
@@ -60,8 +60,8 @@ def _models() -> Models:
     return current_app.extensions["models"]
 
 
-def _manager() -> ModelManager:
-    return current_app.extensions["model_manager"]
+def _manager() -> Catalogue:
+    return current_app.extensions["catalogue"]
 
 
 # Triton's names for the states of a repository index.
@@ -190,7 +190,7 @@ def infer(name: str, version: str | None) -> Response:
     return response
 
 
-def _predict(service: ModelVersion, tensor: InputTensor) -> list[np.ndarray]:
+def _predict(service: RemoteVersion, tensor: InputTensor) -> list[np.ndarray]:
     if not len(tensor.value):
         raise InvalidRequest(f"input {tensor.name!r} holds no image")
     if tensor.name == IMAGE:
@@ -200,16 +200,16 @@ def _predict(service: ModelVersion, tensor: InputTensor) -> list[np.ndarray]:
         uploads = [
             Upload(f"image {i + 1} ({IMAGE}[{i}])", data) for i, data in enumerate(tensor.value)
         ]
-        return service.predict(uploads, deadline=g.deadline)
+        return service.predict(uploads, deadline=g.deadline, request_id=g.request_id)
     if tensor.name == PIXELS:
         if not isinstance(tensor.value, np.ndarray):
             raise InvalidRequest(f"input {PIXELS!r} must be UINT8 or FP32 [N, H, W, C]")
-        return service.predict_tensor(tensor.value, deadline=g.deadline)
+        return service.predict_tensor(tensor.value, deadline=g.deadline, request_id=g.request_id)
     raise InvalidRequest(f"unknown input {tensor.name!r}; the model takes {IMAGE!r} or {PIXELS!r}")
 
 
 def _output(
-    service: ModelVersion, probabilities: np.ndarray, output: v2_codec.RequestedOutput
+    service: RemoteVersion, probabilities: np.ndarray, output: v2_codec.RequestedOutput
 ) -> OutputTensor:
     if output.name != OUTPUT:
         raise InvalidRequest(f"unknown output {output.name!r}; the model gives {OUTPUT!r}")

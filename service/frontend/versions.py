@@ -1,0 +1,117 @@
+"""One model version as a worker sees it: uploads decoded here, the tensor sent to a runner.
+
+The worker decodes and resizes each upload to the model's input (uint8 pixels: a quarter of
+the float32 bytes on the channel), and the runner holding the version with the least work
+runs it. No Flask, no model runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from model_folder.errors import ImageTooLarge, UndecodableImage
+from model_folder.files import ModelInfo
+from model_folder.preprocessing import decode_image
+from service import metrics
+from service.channel.client import RunnerClient
+from service.errors import InvalidImage, InvalidRequest, ModelNotReady, PayloadTooLarge
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One image of a request: where it came from (for error messages) and its bytes."""
+
+    name: str
+    data: bytes
+
+
+class RemoteVersion:
+    """A model version held by one or more runners."""
+
+    def __init__(
+        self, info: ModelInfo, runners: tuple[int, ...], client: RunnerClient, settings: Settings
+    ) -> None:
+        """Send the work of `info`'s version to one of `runners` through `client`."""
+        self.info = info
+        self.runners = runners
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics.for_requests(info.name, info.version)
+
+    @property
+    def alive(self) -> bool:
+        """Tell whether a runner holding it runs."""
+        return any(self.client.slots.running(index) for index in self.runners)
+
+    def hold(self) -> None:
+        """Count nothing: the runner keeps a retired version for a request's timeout."""
+
+    def release(self) -> None:
+        """Count nothing (see `hold`)."""
+
+    def predict(
+        self, uploads: Sequence[Upload], deadline: float, request_id: str = ""
+    ) -> list[np.ndarray]:
+        """Decode each upload to the model's input and return its class probabilities."""
+        spec = self.info.spec
+        pixels = np.empty((len(uploads), *spec.shape), dtype=np.uint8)
+        for i, upload in enumerate(uploads):
+            started = time.perf_counter()
+            try:
+                pixels[i] = decode_image(upload.data, spec, self.settings.max_image_pixels)
+            except UndecodableImage as exc:
+                raise InvalidImage(f"{upload.name}: {exc}") from None
+            except ImageTooLarge as exc:
+                raise PayloadTooLarge(f"{upload.name}: {exc}") from None
+            self.metrics.preprocess.observe(time.perf_counter() - started)
+        return self._run(pixels, deadline, request_id)
+
+    def predict_tensor(
+        self, batch: np.ndarray, deadline: float, request_id: str = ""
+    ) -> list[np.ndarray]:
+        """Return the class probabilities of images already at the model's input size.
+
+        `batch` is [N, H, W, C]: uint8 pixels are scaled as the model folder says (as decoded
+        uploads are), float32 values are taken as the model's input values.
+        """
+        spec = self.info.spec
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != spec.shape:
+            raise InvalidRequest(
+                f"the tensor's shape is {list(batch.shape)}; the model takes "
+                f"[N, {', '.join(map(str, spec.shape))}]"
+            )
+        if batch.dtype == np.float32:
+            if not np.isfinite(batch).all():
+                raise InvalidRequest("the tensor holds a NaN or an infinity")
+        elif batch.dtype != np.uint8:
+            raise InvalidRequest(f"the tensor's type is {batch.dtype}; use uint8 or float32")
+        return self._run(batch, deadline, request_id)
+
+    def _run(self, tensor: np.ndarray, deadline: float, request_id: str) -> list[np.ndarray]:
+        index = self._least_held()
+        outputs = self.client.predict(
+            index,
+            tensor,
+            model=self.info.name,
+            version=self.info.version,
+            deadline=deadline,
+            # Past its deadline a request still waits for its batch already running.
+            wait_until=deadline + self.settings.running_batch_grace_s,
+            request_id=request_id,
+        )
+        return list(outputs)
+
+    def _least_held(self) -> int:
+        slots = self.client.slots
+        running = [index for index in self.runners if slots.running(index)]
+        if not running:
+            raise ModelNotReady(
+                f"no runner holding model {self.info.name!r} version {self.info.version} "
+                "runs now; it is being restarted"
+            )
+        return min(running, key=slots.held)

@@ -1,0 +1,176 @@
+"""What a runner does with the requests of every worker: the channel's handler.
+
+A prediction goes to the batcher of the version it names (retired or not: it resolved that
+version before the retirement), and is answered once all its images are run, or with the
+first error. Admission is decided here, where the queue is. At its deadline, a request's
+images still queued are cancelled and it is answered 504; images already in a running batch
+are waited for (the worker waits that batch's grace too).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from service.channel import wire
+from service.channel.server import Respond
+from service.channel.slots import SlotTable
+from service.errors import DeadlineExceeded, InferenceFailed, ServiceError
+from service.inference import ModelVersion
+from service.registry import Models, VersionStatus
+from service.reloader import ModelManager
+
+log = logging.getLogger(__name__)
+
+
+class RunnerCore:
+    """Predictions into the batchers of one runner's versions; its catalogue out."""
+
+    def __init__(self, models: Models, manager: ModelManager, slots: SlotTable, index: int):
+        """Serve `models`, kept by `manager`, as runner `index` of `slots`."""
+        self.models = models
+        self.manager = manager
+        self.slots = slots
+        self.index = index
+        self._deadlines: list[tuple[float, int, _Pending]] = []
+        self._order = itertools.count()
+        self._held = 0
+        self._held_lock = threading.Lock()
+
+    def predict(self, request: wire.Request, respond: Respond) -> None:
+        """Queue the request's images in its version's batcher; answer once they are run."""
+        assert request.tensor is not None
+        if request.deadline <= time.monotonic():
+            raise DeadlineExceeded("the request's deadline passed before it reached the runner")
+        served: ModelVersion = self.models.serving(request.model, request.version)
+        futures = served.submit(request.tensor, request.deadline)
+        served.hold()
+        self._count_held(len(futures))
+        pending = _Pending(request, served, futures, respond, self._count_held)
+        heapq.heappush(self._deadlines, (request.deadline, next(self._order), pending))
+        pending.watch()
+
+    def expire(self, now: float) -> float | None:
+        """Cancel the queued images of requests past their deadline; return the next one."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, pending = heapq.heappop(self._deadlines)
+            pending.cancel()
+        while self._deadlines and self._deadlines[0][2].answered:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def catalogue(self) -> dict[str, Any]:
+        """Return what this runner serves, for the workers."""
+        manager = self.manager
+        return {
+            "phase": manager.phase.value,
+            "alive": manager.alive,
+            "failure": manager.failure,
+            "unready_reason": self.models.unready_reason,
+            "versions": [_row(status) for status in self.models.statuses()],
+            "labels": {name: self.models.labels(name) for name in self.models.names()},
+        }
+
+    def _count_held(self, images: int) -> None:
+        with self._held_lock:
+            self._held += images
+            self.slots.set_held(self.index, self._held)
+
+
+def _row(status: VersionStatus) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "model": status.model,
+        "version": status.version,
+        "state": status.state.value,
+        "error": status.error,
+    }
+    served = status.served
+    if served is not None:
+        info = served.info
+        spec = info.spec
+        row["alive"] = served.alive
+        row["info"] = {
+            "labels": list(info.labels),
+            "shape": list(spec.shape),
+            "rescale": spec.rescale,
+            "offset": spec.offset,
+            "device": info.device,
+            "batch_sizes": list(getattr(served.classifier, "batch_sizes", ())),
+        }
+    return row
+
+
+class _Pending:
+    """One request's images in the batcher, until all are answered or one fails."""
+
+    def __init__(
+        self,
+        request: wire.Request,
+        served: ModelVersion,
+        futures: list[Future],
+        respond: Respond,
+        count_held: Any,
+    ) -> None:
+        self.request = request
+        self.served = served
+        self.futures = futures
+        self.respond = respond
+        self.count_held = count_held
+        self.answered = False
+        self._left = len(futures)
+        self._lock = threading.Lock()
+
+    def watch(self) -> None:
+        """Answer once every future is done (callbacks run in the batcher's thread)."""
+        for future in self.futures:
+            future.add_done_callback(self._done)
+
+    def cancel(self) -> None:
+        """Cancel the images not yet running: the request has passed its deadline."""
+        for future in self.futures:
+            future.cancel()
+
+    def _done(self, future: Future) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+            error = None if self.answered else _failure(future)
+            answer_now = not self.answered and (error is not None or last)
+            self.answered = self.answered or answer_now
+        if last:
+            self.count_held(-len(self.futures))
+            self.served.release()
+        if not answer_now:
+            return
+        seq = self.request.seq
+        if error is None:
+            outputs = np.stack([f.result() for f in self.futures]).astype(np.float32, copy=False)
+            self.respond(wire.outputs_answer(seq, outputs))
+            return
+        if error.status >= 500 and not isinstance(error, DeadlineExceeded):
+            log.error(
+                "prediction failed: %s",
+                error.message,
+                extra={"request_id": self.request.request_id, "code": error.code},
+            )
+        self.respond(wire.error_answer(seq, error))
+
+
+def _failure(future: Future) -> ServiceError | None:
+    if future.cancelled():
+        return DeadlineExceeded("the request timed out waiting in the batch queue")
+    raised = future.exception()
+    return _typed(raised) if raised is not None else None
+
+
+def _typed(error: BaseException) -> ServiceError:
+    if isinstance(error, ServiceError):
+        return error
+    return InferenceFailed("the model failed on this batch")
