@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
-from subprocess import DEVNULL
 
 from model_folder import files as model_files
 from model_folder import repository
@@ -16,9 +14,7 @@ from model_folder.files import ModelFiles
 from model_folder.requirements import missing_tensorflow
 from service.settings import Settings, SettingsError
 
-GUNICORN_ARGS = ["--config", "python:service.gunicorn_conf", "service.app:create_app()"]
-# The model check's process id, for gunicorn's master to wait on (see wait_for_model_check).
-CHECK_PID_ENV = "CNN_SERVING_CHECK_PID"
+GUNICORN_ARGS = ["--config", "python:service.gunicorn_conf", "service.frontend.app:create_app()"]
 
 
 def skip_plotting_imports() -> None:
@@ -26,8 +22,8 @@ def skip_plotting_imports() -> None:
 
     Keras imports matplotlib.pyplot at its own import when it is installed (the `train` extra
     brings it): 0.5 s of each Keras import measured on the 2-core development VM, paid by
-    the launcher's check and by every worker before it is ready. Keras treats a missing
-    matplotlib as "no plotting"; only the service's own processes call this.
+    every runner before it is ready. Keras treats a missing matplotlib as "no plotting"; only
+    the service's own processes call this.
     """
     if "matplotlib" not in sys.modules:
         sys.modules["matplotlib"] = None  # type: ignore[assignment]
@@ -56,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Check the settings; exec gunicorn while a child checks the model (gunicorn's master
-    binds the port only once the check has passed); with --check, only check the model."""
+    """Check the settings and exec gunicorn, whose runners load the models before it binds;
+    with --check, only load and check the models here, then exit."""
     args = parse_args(argv)
     skip_plotting_imports()
     try:
@@ -73,21 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"cnn-serve: error: {exc}", file=sys.stderr)
         return 2
+    os.environ["KERAS_BACKEND"] = settings.keras_backend  # before any import of Keras
     if settings.keras_backend == "tensorflow" and (missing := missing_tensorflow()):
         print(f"cnn-serve: error: {missing}", file=sys.stderr)
         return 1
-    # The workers' environment, taken before the check below switches Keras's backend.
-    environment = {**os.environ, **settings.as_env()}
     if not args.check:
-        # The check runs in a child (`cnn-serve --check`, on these settings) while this
-        # process becomes gunicorn's master, which waits for its verdict before it binds.
-        checker = subprocess.Popen(
-            [sys.executable, "-m", "service", "--check"], env=environment, stdout=DEVNULL
-        )
-        environment[CHECK_PID_ENV] = str(checker.pid)
+        # exec: gunicorn's master is this process. Its config starts the runners, which load
+        # the models before the port is bound; a model that cannot be loaded stops it there.
+        environment = {**os.environ, **settings.as_env()}
         argv_gunicorn = [sys.executable, "-m", "gunicorn", *GUNICORN_ARGS]
-        # exec: the same process, so the checker stays its child; workers load their own
-        # model after the fork.
         os.execve(sys.executable, argv_gunicorn, environment)
     try:
         checked = check_models(settings)
@@ -99,29 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def wait_for_model_check() -> None:
-    """In gunicorn's master, before it binds: exit as the launcher's model check did, if it
-    failed (it has printed its one line). Nothing to wait for without a launcher."""
-    pid = os.environ.pop(CHECK_PID_ENV, "")
-    if not pid:
-        return
-    _, status = os.waitpid(int(pid), 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        print(f"cnn-serve: error: the model check was killed by signal {-code}", file=sys.stderr)
-    if code != 0:
-        sys.exit(code if code > 0 else 1)
-
-
 def check_models(settings: Settings) -> list[ModelFiles]:
-    """Vet the versions each model will serve, as the workers will load them, on Keras's
-    numpy backend; return them.
+    """Vet the versions each model will serve, as a runner will load them, on the serving
+    backend; return them.
 
-    Building each model and loading its weights there finds every fault a worker would
-    (architecture, shapes, labels, weights) in about 2 s, without importing TensorFlow or
-    tracing graphs; each worker then does the one TensorFlow import and load it needs. A
-    broken version is reported and the one before it served instead, as a reload would; a
-    model with no version that loads stops start-up.
+    A broken version is reported and the one before it served instead, as a reload would; a
+    model with no version that loads is an error.
     """
     path = settings.model_path
     if settings.model_repository:
@@ -160,8 +133,6 @@ def check_models(settings: Settings) -> list[ModelFiles]:
 
 def _check_version(folder: Path, name: str, version: str) -> ModelFiles:
     model_files.read(folder, name, version)  # the common faults, before Keras is imported
-    if "keras" not in sys.modules:
-        os.environ["KERAS_BACKEND"] = "numpy"
-    from service import runtime
+    from service.runner import runtime
 
     return runtime.check_model(folder, name, version)[1]

@@ -1,7 +1,8 @@
 """Typed errors of the service, named after the condition, each with its HTTP status.
 
-The status (and any header an answer needs) lives on the type; each protocol in service/http
-only shapes the body, in one handler per protocol.
+The status (and any header an answer needs) lives on the type; each protocol in
+service/frontend/http only shapes the body, in one handler per protocol. Errors cross from a
+runner to a worker as their code (service/channel/wire.py) and are rebuilt here.
 """
 
 from __future__ import annotations

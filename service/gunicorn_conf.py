@@ -11,18 +11,36 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from pathlib import Path
 
-from service.cli import wait_for_model_check
+from service import logs
 from service.settings import GRACEFUL_MARGIN_S, Settings
 from service.supervisor import Supervisor
 
 _settings = Settings.from_env()
-# Before any gunicorn line, and before the port is bound: a bad model stops start-up here.
-wait_for_model_check()
+logs.configure(_settings.log_level)
+
+# prometheus_client's multiprocess mode needs a folder shared by all workers and runners, set
+# before any of them imports prometheus_client.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cnn-serving-metrics-")
+_metrics_folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+_metrics_folder.mkdir(parents=True, exist_ok=True)
+# Only the metric files a previous run left (and any a killed process left half-made): the
+# folder may be a mount point, or shared.
+for _stale in [*_metrics_folder.glob("*.db"), *_metrics_folder.glob("*.db.part")]:
+    _stale.unlink(missing_ok=True)
+# The file the runners take turns on to load a new version (service/runner/reloader.py).
+os.environ.setdefault("CNN_SERVING_LOAD_LOCK", str(_metrics_folder / "load.lock"))
+
+# Before any gunicorn line, and before the port is bound: the runners load the models, and
+# one that cannot stops start-up here, having said why in one line.
 _runners = Supervisor(_settings)
+if not _runners.start_and_wait():
+    sys.exit(1)
 
 # IPv6 literals need brackets in a bind address.
 bind = (
@@ -34,9 +52,9 @@ bind = (
 # cores, and every one of them feeds the same runners, whose batches see all the traffic.
 workers = _settings.worker_count
 # gthread, whose event loop reads each request whole before a request thread gets it, so
-# slow clients cannot hold the threads (service/worker.py). The threads decode uploads in
+# slow clients cannot hold the threads (service/frontend/worker.py). The threads decode uploads in
 # parallel and wait on the runners; Pillow and ZeroMQ release the GIL.
-worker_class = "service.worker.ArrivalWorker"
+worker_class = "service.frontend.worker.ArrivalWorker"
 threads = _settings.threads
 # The app is built in each worker after the fork: its ZeroMQ sockets are not fork-safe.
 preload_app = False
@@ -62,36 +80,18 @@ loglevel = _settings.log_level.lower()
 # gunicorn's own lines as JSON too, so a log shipper parses one format.
 logger_class = "service.logs.GunicornLogger"
 
-# prometheus_client's multiprocess mode needs a folder shared by all workers, set before any
-# worker imports prometheus_client.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cnn-serving-metrics-")
-
-
-# The file the runners take turns on to load a new version (service/reloader.py).
-os.environ.setdefault(
-    "CNN_SERVING_LOAD_LOCK", os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "load.lock")
-)
-
 
 def on_starting(server) -> None:  # type: ignore[no-untyped-def]
-    """Wipe metric files a previous run left, then start the runners; make SIGHUP a model
-    rescan in every runner rather than gunicorn's restart of the workers."""
+    """Tell the workers to come where the runners are; make SIGHUP a model rescan in every
+    runner rather than gunicorn's restart of the workers."""
 
     def rescan_models() -> None:
         server.log.info("SIGHUP: every runner rescans its models now")
         _runners.signal_all(signal.SIGHUP)
 
     server.handle_hup = rescan_models
-    folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    folder.mkdir(parents=True, exist_ok=True)
-    # Only the metric files (and any a killed worker left half-made): the folder may be a
-    # mount point, or shared.
-    for stale in [*folder.glob("*.db"), *folder.glob("*.db.part")]:
-        stale.unlink(missing_ok=True)
     # Every worker forked from here on finds the runners through these.
     os.environ.update(_runners.environment())
-    _runners.start()
 
 
 def on_exit(server: object) -> None:
@@ -120,7 +120,7 @@ def post_fork(server: object, worker: object) -> None:
     """Have gunicorn write the errors it answers itself in the service's JSON shape."""
     from gunicorn import util
 
-    from service.app import write_server_error
+    from service.frontend.raw_errors import write_server_error
 
     util.write_error = write_server_error
 

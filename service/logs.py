@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import sys
 import time
 
@@ -39,6 +41,43 @@ def configure(level: str = "INFO") -> None:
         handler.setFormatter(JsonFormatter())
         root.addHandler(handler)
         root.propagate = False
+
+
+class QuietStart:
+    """Hold this process's output while it starts: its stderr (native libraries' lines too)
+    is discarded and its log records kept, to be written if the start succeeds; if it fails,
+    one line alone says why."""
+
+    def __init__(self) -> None:
+        """Start holding: from now on nothing reaches stderr."""
+        sys.stderr.flush()
+        self._stderr = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        self._root = logging.getLogger("service")
+        self._handlers = self._root.handlers[:]
+        self._held = logging.handlers.BufferingHandler(capacity=1_000_000)
+        self._root.handlers = [self._held]
+
+    def succeeded(self) -> None:
+        """Give stderr back and write the log records held meanwhile."""
+        self._release()
+        for record in self._held.buffer:
+            for handler in self._handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+    def failed(self, line: str) -> None:
+        """Write `line` alone, then give stderr back."""
+        os.write(self._stderr, line.encode() + b"\n")
+        self._release()
+
+    def _release(self) -> None:
+        sys.stderr.flush()
+        os.dup2(self._stderr, 2)
+        os.close(self._stderr)
+        self._root.handlers = self._handlers
 
 
 class GunicornLogger(Logger):

@@ -1,6 +1,6 @@
 """The models and versions a worker serves, their states, and the one lookup every protocol uses.
 
-service.reloader changes what is here (load, publish, retire); the HTTP layer only asks.
+service.runner.reloader changes what is here (load, publish, retire); the HTTP layer only asks.
 A lookup leases the version it returns: the request holds it until it is answered, so a
 version retired meanwhile still finishes it.
 """
@@ -19,7 +19,7 @@ from service.errors import ModelNotFound, ModelNotReady, Overloaded
 
 
 class Served(Protocol):
-    """A version that serves: in a runner, its batcher (service.inference.ModelVersion); in a
+    """A version that serves: in a runner, its batcher (service.runner.inference.ModelVersion); in a
     worker, the runners that hold it (service.frontend.versions.RemoteVersion)."""
 
     info: ModelInfo

@@ -15,7 +15,7 @@ from model_folder.repository import VersionPolicy
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 # Seconds a stopping worker is given, past its last request's lifetime, to finish exiting.
 GRACEFUL_MARGIN_S = 5
-# Keras backends a worker serves on (service/runtime.py).
+# Keras backends a worker serves on (service/runner/runtime.py).
 SERVING_BACKENDS = ("tensorflow", "jax")
 # The model served when neither MODEL_DIR nor MODEL_REPOSITORY is set: `make run`'s demo.
 DEFAULT_MODEL_DIR = "models/shapes"
@@ -231,5 +231,7 @@ def visible_gpus() -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [gpu for gpu in visible.split(",") if gpu.strip() and gpu.strip() != "-1"]
-    found = sorted(Path("/dev").glob("nvidia[0-9]*"), key=lambda p: int(p.name[6:]))
-    return [path.name[6:] for path in found]
+    # CUDA numbers the cards a process sees from 0, whatever the driver's device files are
+    # called (in a container, /dev/nvidia3 may be the one card).
+    found = list(Path("/dev").glob("nvidia[0-9]*"))
+    return [str(ordinal) for ordinal in range(len(found))]

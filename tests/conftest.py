@@ -84,7 +84,7 @@ def model_dir(tmp_path_factory, cnn) -> Path:
 @pytest.fixture(scope="session")
 def classifier(model_dir):
     """Return the reference CNN loaded through the service runtime."""
-    from service.runtime import load_classifier
+    from service.runner.runtime import load_classifier
 
     return load_classifier(model_dir / "2", max_batch_size=16)
 
@@ -100,7 +100,7 @@ def settings(model_dir):
 @pytest.fixture
 def app(settings, classifier):
     """Return the Flask app built around the loaded reference CNN."""
-    from service.app import create_app
+    from service.frontend.app import create_app
 
     application = create_app(settings, classifier)
     yield application

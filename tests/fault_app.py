@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from model_folder.errors import ModelFolderError
-from service.runtime import load_classifier
+from service.runner.runtime import load_classifier
 from service.settings import Settings
 
 # A held batch gives up after this long, so a broken test cannot hang a worker for ever.

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from service.app import create_app
-from service.http.predict import prediction_body
+from service.frontend.app import create_app
+from service.frontend.http.predict import prediction_body
 from service.settings import Settings
 from tests.conftest import (
     LABELS,
@@ -144,7 +144,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def served_client(folder, model):
     """Write `model` to `folder`, load it as the service does, return an app and its client."""
-    from service.runtime import load_classifier
+    from service.runner.runtime import load_classifier
 
     write_model(folder, model, LABELS)
     classifier = load_classifier(folder, max_batch_size=2)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from service.app import create_app
+from service.frontend.app import create_app
 from service.settings import Settings
 from tests.conftest import image_bytes, make_cnn, write_model
 from tests.fault_app import WrappedClassifier
@@ -147,7 +147,7 @@ def test_predict_needs_the_exact_bearer_token(model_dir, classifier, authorizati
 
 
 def test_top_k_defaults_to_five(tmp_path):
-    from service.runtime import load_classifier
+    from service.runner.runtime import load_classifier
 
     labels = [f"class {i}" for i in range(7)]
     folder = write_model(tmp_path / "seven", make_cnn(classes=7), labels)

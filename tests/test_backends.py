@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 JAX_SCRIPT = """
 import json, sys
 import numpy as np
-from service.runtime import BACKEND, load_classifier
+from service.runner.runtime import BACKEND, load_classifier
 folder, inputs, outputs = sys.argv[1:4]
 classifier = load_classifier(folder, max_batch_size=8)
 batch = np.load(inputs)
@@ -48,7 +48,7 @@ def run_on_jax(script: str, *args: str) -> subprocess.CompletedProcess:
 def jax_answers_tensorflow_checked(tmp_path: Path, folder: Path, prelude: str = "") -> dict:
     """Run JAX_SCRIPT after `prelude`; check its answers against TensorFlow's within 1e-5;
     return its report, with its stderr."""
-    from service.runtime import BACKEND, load_classifier
+    from service.runner.runtime import BACKEND, load_classifier
 
     assert BACKEND == "tensorflow"
     batch = np.random.default_rng(5).random((8, 32, 32, 3), dtype=np.float32)
@@ -77,7 +77,7 @@ def test_jax_and_tensorflow_give_the_same_probabilities_within_1e_5(tmp_path, mo
 
 def test_a_jaxlib_without_the_services_xla_options_compiles_with_its_defaults(tmp_path, model_dir):
     unknown = (
-        "from service import runtime\n"
+        "from service.runner import runtime\n"
         "runtime.CPU_COMPILER_OPTIONS['xla_cpu_no_such_option'] = '1'\n"
         "import logging; logging.basicConfig(level=logging.INFO)\n"
     )
@@ -95,7 +95,7 @@ def test_the_model_folder_safety_rules_hold_on_jax(tmp_path, cnn):
     script = (
         "import sys\n"
         "from model_folder.errors import ModelFolderError\n"
-        "from service.runtime import load_classifier\n"
+        "from service.runner.runtime import load_classifier\n"
         "try:\n"
         "    load_classifier(sys.argv[1])\n"
         "except ModelFolderError as exc:\n"

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batching import Batcher
 from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
 from service.metrics import for_model
+from service.runner.batching import Batcher
 
 
 class RecordingModel:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from service.body_deadline import BodyWithDeadline
 from service.errors import RequestTimeout
+from service.frontend.body_deadline import BodyWithDeadline
 
 
 class LoopingReader:

@@ -1,5 +1,5 @@
-"""`cnn-serve` and `cnn-train` before any server starts: missing TensorFlow, and the launcher's
-model check, which must not import TensorFlow (each worker does that once)."""
+"""`cnn-serve` and `cnn-train` before any server starts: missing TensorFlow, and `--check`,
+which loads the models on the serving backend, as a runner does."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_missing_tensorflow_is_one_line_naming_the_extra(
     assert not list(tmp_path.glob("shapes*")), "nothing is trained without TensorFlow"
 
 
-def test_check_vets_the_model_without_importing_tensorflow(tmp_path, model_dir):
+def test_check_vets_the_model_on_the_serving_backend(tmp_path, model_dir):
     script = (
         "import sys\n"
         "from service import cli\n"
@@ -37,7 +37,7 @@ def test_check_vets_the_model_without_importing_tensorflow(tmp_path, model_dir):
     )
     result = run_python(["-c", script], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["shapes", "2", str(len(LABELS)), "False"]
+    assert result.stdout.split() == ["shapes", "2", str(len(LABELS)), "True"]
 
 
 def test_check_command_reports_the_model_and_exits_0(tmp_path, cnn):

@@ -238,9 +238,14 @@ def test_cpu_and_memory_have_requests_and_limits(container) -> None:
 
 
 def test_tensorflow_threads_fit_the_cpu_limit(container, settings) -> None:
-    # 0 would mean one thread per core of the node, far more than the pod may use.
-    threads = int(settings["TF_INTRA_OP_THREADS"]) * int(settings["WORKERS"])
+    # 0 would mean one thread per core of the node, far more than the pod may use. TensorFlow
+    # runs in the runners only: one, unless RUNNERS says otherwise.
+    threads = int(settings["TF_INTRA_OP_THREADS"]) * int(settings.get("RUNNERS") or 1)
     assert 0 < threads <= cpus(container["resources"]["limits"]["cpu"])
+
+
+def test_a_worker_per_cpu_of_the_limit(container, settings) -> None:
+    assert int(settings["WORKERS"]) == cpus(container["resources"]["limits"]["cpu"])
 
 
 def test_shutdown_waits_out_the_drain_and_the_last_requests(objects, container, settings) -> None:
@@ -319,14 +324,16 @@ def test_overlay_runs_its_own_image(overlay, container) -> None:
     assert container["image"].endswith(f":{overlay}")
 
 
-def test_gpu_overlay_asks_for_one_gpu_and_one_worker() -> None:
+def test_gpu_overlay_asks_for_one_gpu_and_a_worker_per_cpu() -> None:
     objects = by_kind("overlays/gpu")
     resources = only_container(objects)["resources"]
     assert int(resources["limits"]["nvidia.com/gpu"]) == 1
     assert int(resources["requests"]["nvidia.com/gpu"]) == 1
     pod = objects["Deployment"]["spec"]["template"]["spec"]
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
-    assert objects["ConfigMap"]["data"]["WORKERS"] == "1"
+    # The runner holds the model once; every CPU's worker feeds it.
+    cpu_limit = cpus(resources["limits"]["cpu"])
+    assert cpu_limit > 1 and objects["ConfigMap"]["data"]["WORKERS"] == str(int(cpu_limit))
 
 
 def test_cpu_overlay_asks_for_no_gpu() -> None:

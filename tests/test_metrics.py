@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
+from service.frontend.app import create_app
 from tests.conftest import MODEL_LABELS, RUNNER_LABELS, distinct_images, image_bytes
 from tests.fault_app import WrappedClassifier
 

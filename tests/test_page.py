@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from service.http.page import assets as page_files
+from service.frontend.http.page import assets as page_files
 from tests.conftest import ROOT, free_port, image_bytes, start_server, unavailable
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ import pytest
 from model_folder.errors import ModelFolderError
 from model_folder.repository import ModelConfig, ModelEntry, VersionFolder, VersionPolicy
 from service.errors import ModelNotFound, ModelNotReady, Overloaded
-from service.inference import ModelVersion
 from service.registry import Models, State
+from service.runner.inference import ModelVersion
 
 # Policies
 

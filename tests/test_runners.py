@@ -75,13 +75,13 @@ def post_quietly(url: str, data: bytes, **query: str) -> requests.Response | str
 
 def test_importing_the_front_end_leaves_every_model_runtime_out():
     modules = (
-        "service.app",
-        "service.worker",
+        "service.frontend.app",
+        "service.frontend.worker",
         "service.frontend.catalogue",
         "service.channel.client",
         "service.supervisor",
-        "service.http.v2",
-        "service.http.tfserving",
+        "service.frontend.http.v2",
+        "service.frontend.http.tfserving",
     )
     script = (
         f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; "
@@ -271,7 +271,7 @@ def test_no_request_that_begins_after_the_new_versions_first_answer_gets_the_old
 
 
 def test_a_request_that_resolved_a_version_is_answered_by_it_after_its_retirement(tmp_path):
-    from service.app import create_app
+    from service.frontend.app import create_app
 
     repository = tmp_path / "repo"
     old, new = make_cnn(seed=1), make_cnn(seed=2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model_folder.errors import ModelFolderError
-from service.runtime import load_classifier, padded_batch_sizes
+from service.runner.runtime import load_classifier, padded_batch_sizes
 from tests.conftest import LABELS, make_cnn, write_model
 
 
@@ -156,7 +156,7 @@ def test_custom_object_is_refused(good):
 
 
 def test_max_batch_size_zero_is_the_devices_default_and_any_other_is_kept(good):
-    from service.runtime import DEFAULT_MAX_BATCH_SIZE
+    from service.runner.runtime import DEFAULT_MAX_BATCH_SIZE
 
     automatic = load_classifier(good, max_batch_size=0)
     kind = automatic.info.device.split(":")[0]

@@ -156,7 +156,7 @@ def test_health_endpoints_answer_curl_in_milliseconds(server_factory, model_dir)
     ],
     ids=["no-weights", "bad-json", "labels", "truncated-weights"],
 )
-# On JAX gunicorn's master imports Keras while the model check runs beside it.
+# The runner's first start vets the model on the serving backend, before the port is bound.
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_bad_model_folder_stops_start_up_with_one_line_before_binding(
     tmp_path, cnn, breaker, expected, backend

@@ -26,7 +26,7 @@ def test_environment_variables_set_fields_and_overrides_win():
         ({"PORT": "70000"}, "PORT must be in 1..65535"),
         ({"MAX_QUEUE": "0"}, "MAX_QUEUE must be positive"),
         ({"DRAIN_S": "-1"}, "DRAIN_S must not be negative"),
-        ({"MAX_IMAGES_PER_REQUEST": "500"}, "must not exceed MAX_QUEUE"),
+        ({"MAX_IMAGES_PER_REQUEST": "1000"}, "must not exceed MAX_QUEUE"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_named(environ, message):

@@ -1,5 +1,5 @@
 """Slow clients against a real gunicorn: they are cut off at their deadline, and nobody else
-waits for them (service/worker.py reads each request whole before a thread gets it)."""
+waits for them (service/frontend/worker.py reads each request whole before a thread gets it)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from gunicorn.config import Config
 from gunicorn.http.errors import ParseException
 from gunicorn.http.parser import RequestParser
 
-from service.worker import Framing, RequestScan
+from service.frontend.worker import Framing, RequestScan
 from tests.conftest import Server, distinct_images, expected_probabilities, start_server
 from tests.load import metric, scrape, worker_pids
 from tests.slow_clients import CanaryReport, Trickler, canary

@@ -14,7 +14,7 @@ from PIL import Image
 from model_folder import files as model_dir
 from model_folder.metadata import Metadata
 from model_folder.preprocessing import InputSpec, preprocess
-from service.runtime import load_classifier
+from service.runner.runtime import load_classifier
 from training import data, export, report, shapes
 from training.model import make_model, smallest_input_side
 from training.pipeline import TrainingOptions, load_dataset, train

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import requests
 
-from service.app import create_app
+from service.frontend.app import create_app
 from service.settings import Settings
 from tests.conftest import (
     LABELS,

@@ -4,7 +4,8 @@ The master creates it (an anonymous memfd: no file in /dev/shm, gone with the la
 holding it, even after a SIGKILL), workers inherit it across the fork, runners get its file
 descriptor. Each word has one writer:
 - the master: a runner's incarnation (one more at each start) and whether it runs;
-- the runner: its catalogue's generation (one more at each change) and the images it holds.
+- the runner: its catalogue's generation (one more at each change), the images it holds, and
+  whether its start loaded the models (the master waits for that before it binds the port).
 
 A worker compares the table with what it saw last at the start of every request: a change
 means a runner started, stopped or changed what it serves, and the worker asks again.
@@ -24,9 +25,13 @@ SLOTS_COUNT_ENV = "CNN_SERVING_SLOTS_COUNT"
 # And which runner a runner is, and the pipe whose EOF says the master has gone.
 RUNNER_INDEX_ENV = "CNN_SERVING_RUNNER_INDEX"
 PARENT_FD_ENV = "CNN_SERVING_PARENT_FD"
+# Set for a runner's first start, whose verdict decides whether the server starts at all.
+FIRST_START_ENV = "CNN_SERVING_FIRST_START"
 
-INCARNATION, RUNNING, GENERATION, HELD = range(4)
-_WORDS = 4  # per runner, each a uint64
+INCARNATION, RUNNING, GENERATION, HELD, VERDICT = range(5)
+_WORDS = 5  # per runner, each a uint64
+# A start's verdict: not yet, its models serve, or they could not be loaded.
+PENDING, LOADED, FAILED = range(3)
 
 
 class SlotTable:
@@ -71,10 +76,19 @@ class SlotTable:
         """Return the images runner `index` holds: queued, or in a batch running."""
         return int(self.words[index, HELD])
 
+    def verdict(self, index: int) -> int:
+        """Return whether runner `index`'s last start loaded its models: PENDING, LOADED, FAILED."""
+        return int(self.words[index, VERDICT])
+
     def started(self, index: int) -> None:
         """Record (in the master) that runner `index` has been started once more."""
+        self.words[index, VERDICT] = PENDING
         self.words[index, INCARNATION] += 1
         self.words[index, RUNNING] = 1
+
+    def judged(self, index: int, loaded: bool) -> None:
+        """Record (in runner `index`) whether its start loaded its models."""
+        self.words[index, VERDICT] = LOADED if loaded else FAILED
 
     def stopped(self, index: int) -> None:
         """Record (in the master) that runner `index` has stopped."""

@@ -23,9 +23,9 @@ from service.channel import wire
 from service.channel.server import Respond
 from service.channel.slots import SlotTable
 from service.errors import DeadlineExceeded, InferenceFailed, ServiceError
-from service.inference import ModelVersion
 from service.registry import Models, VersionStatus
-from service.reloader import ModelManager
+from service.runner.inference import ModelVersion
+from service.runner.reloader import ModelManager
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,17 @@ import threading
 from service import logs
 from service.channel.client import runner_address
 from service.channel.server import RunnerServer
-from service.channel.slots import PARENT_FD_ENV, RUNNER_INDEX_ENV, SERVER_ENV, SlotTable
-from service.inference import Classifier
+from service.channel.slots import (
+    FIRST_START_ENV,
+    PARENT_FD_ENV,
+    RUNNER_INDEX_ENV,
+    SERVER_ENV,
+    SlotTable,
+)
 from service.registry import Models, Phase
-from service.reloader import ModelManager
 from service.runner.core import RunnerCore
+from service.runner.inference import Classifier
+from service.runner.reloader import ModelManager
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,36 +76,47 @@ class Runner:
 
 
 def main() -> int:
-    """Run one runner of a server until SIGTERM; exit 1 if its models fail or it breaks."""
+    """Run one runner of a server until SIGTERM; exit 1 if its models fail or it breaks.
+
+    On its first start (the master waits for it before it binds the port), nothing but one
+    line saying why reaches stderr if the models cannot be loaded.
+    """
     from service.cli import skip_plotting_imports
 
     skip_plotting_imports()
     settings = Settings.from_env()
     logs.configure(settings.log_level)
+    quiet = logs.QuietStart() if os.environ.get(FIRST_START_ENV) else None
     index = int(os.environ[RUNNER_INDEX_ENV])
     slots = SlotTable.inherited()
     _exit_with_parent(int(os.environ[PARENT_FD_ENV]))
     runner = Runner(settings, slots, index, os.environ[SERVER_ENV])
     stop = threading.Event()
-    failed: list[str] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGHUP, lambda signum, frame: runner.manager.reload())
+    runner.start()
+    runner.manager.wait_started(timeout=None)  # type: ignore[arg-type]
+    if runner.manager.phase is Phase.FAILED:
+        if quiet is not None:
+            quiet.failed(f"cnn-serve: error: {runner.manager.failure}")
+        slots.judged(index, loaded=False)
+        runner.server.stop()
+        return 1
+    if quiet is not None:
+        quiet.succeeded()
+    slots.judged(index, loaded=True)
+    died: list[bool] = []
 
-    def fail_when_broken() -> None:
-        runner.manager.wait_started(timeout=None)  # type: ignore[arg-type]
-        if runner.manager.phase is Phase.FAILED:
-            failed.append(runner.manager.failure)
-        else:
-            runner.watch_inference()
-            failed.append("an inference thread died")
+    def stop_when_inference_dies() -> None:
+        runner.watch_inference()
+        died.append(True)
         stop.set()
 
-    runner.start()
-    threading.Thread(target=fail_when_broken, name="runner-watch", daemon=True).start()
+    threading.Thread(target=stop_when_inference_dies, name="runner-watch", daemon=True).start()
     while not stop.wait(1.0):
         pass
-    if failed:
-        log.error("runner %d stops: %s", index, failed[0], extra={"runner": index})
+    if died:
+        log.error("runner %d stops: an inference thread died", index, extra={"runner": index})
         runner.server.stop()
         return 1
     # The master stops the runners once its workers have exited, which they do only once

@@ -6,37 +6,35 @@ import itertools
 import math
 import os
 import re
-import socket
 import time
 import uuid
 from typing import TYPE_CHECKING
 
-import orjson
 from flask import Flask, Response, current_app, g, request
 
 from service import logs, metrics
-from service.body_deadline import BodyWithDeadline
 from service.channel.client import RunnerClient
 from service.channel.slots import SERVER_ENV, SlotTable
 from service.errors import (
     InvalidRequest,
 )
+from service.frontend.body_deadline import BodyWithDeadline
 from service.frontend.catalogue import Catalogue
-from service.http import docs, page, predict, tfserving, v2
-from service.http.base import (
+from service.frontend.http import docs, page, predict, tfserving, v2
+from service.frontend.http.base import (
     answer_errors,
-    error_code,
     json_response,
     number_parameter,
     release_leases,
 )
+from service.frontend.raw_errors import error_document
 from service.registry import Models
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.inference import Classifier
+    from service.runner.inference import Classifier
 
-# Set by the gunicorn worker (service.worker): the monotonic time the request's first byte
+# Set by the gunicorn worker (service.frontend.worker): the monotonic time the request's first byte
 # arrived, where its one deadline starts, and whether its whole body is already in memory.
 ARRIVED_AT = "cnn_serving.arrived_at"
 BODY_BUFFERED = "cnn_serving.body_buffered"
@@ -188,27 +186,3 @@ def _error_body(code: str, message: str) -> object:
         if request.path == prefix or request.path.startswith(prefix + "/"):
             return protocol.error_body(code, message)
     return error_document(code, message)
-
-
-def error_document(code: str, message: str) -> dict[str, dict[str, str]]:
-    """Return the JSON error shape of every error answer."""
-    return {"error": {"code": code, "message": message}}
-
-
-def write_server_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
-    """Write an error gunicorn answers itself (a bad request line or header, found before
-    the app runs), in the service's JSON shape rather than gunicorn's HTML page."""
-    code = error_code(reason)
-    metrics.ERRORS.labels(code).inc()
-    sock.settimeout(1.0)  # a few hundred bytes: a client that reads none is not waited for
-    sock.sendall(error_bytes(status, reason, code, message or reason))
-
-
-def error_bytes(status: int, reason: str, code: str, message: str) -> bytes:
-    """Return a whole JSON error response, closing the connection, as bytes to send."""
-    body = orjson.dumps(error_document(code, message))
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode("latin-1") + body

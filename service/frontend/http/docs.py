@@ -11,9 +11,9 @@ from pathlib import Path
 import flask_swagger_ui
 from flask import Blueprint, Response, current_app, render_template_string, send_from_directory
 
-from service.http import openapi
-from service.http.base import json_response
-from service.http.page import assets as page_assets
+from service.frontend.http import openapi
+from service.frontend.http.base import json_response
+from service.frontend.http.page import assets as page_assets
 
 blueprint = Blueprint("docs", __name__)
 

@@ -1,7 +1,7 @@
 """One model version in a runner: its classifier and batcher, tensors in, futures out.
 
 Uploads are decoded by the front-end workers (service.frontend.versions); which versions
-exist is service.registry's; loading and swapping them is service.reloader's.
+exist is service.registry's; loading and swapping them is service.runner.reloader's.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import numpy as np
 from model_folder.files import ModelInfo
 from model_folder.preprocessing import to_model_input
 from service import metrics
-from service.batching import Batcher
 from service.errors import InvalidRequest, ModelNotReady
+from service.runner.batching import Batcher
 from service.settings import Settings
 
 
 class Classifier(Protocol):
-    """What the data plane needs of a model runtime (see service.runtime.Classifier)."""
+    """What a runner needs of a model runtime (service.runner.runtime.KerasClassifier)."""
 
     info: ModelInfo
 

@@ -10,7 +10,7 @@ import math
 from importlib.metadata import version as package_version
 
 from model_folder.files import ModelInfo
-from service.http.openapi_schemas import (
+from service.frontend.http.openapi_schemas import (
     B64_IMAGE,
     BINARY,
     EXAMPLE_PNG_B64,
@@ -19,7 +19,7 @@ from service.http.openapi_schemas import (
 )
 from service.registry import Models
 
-# Each protocol's error body (service/http/base.py answer_errors shapes them).
+# Each protocol's error body (service/frontend/http/base.py answer_errors shapes them).
 _PREDICT_ERROR = {"$ref": "#/components/schemas/PredictError"}
 _MESSAGE_ERROR = {"$ref": "#/components/schemas/MessageError"}
 _HTML: dict = {"text/html": {"schema": {}}}
@@ -259,7 +259,7 @@ def _v2_pixels(input_shape: tuple[int, ...]) -> dict:
 
 
 # A name werkzeug's <path:rest> cannot match (one with a newline) is no route at all, but
-# its 404 is still in TF Serving's shape: the path decides the shape (service/app.py).
+# its 404 is still in TF Serving's shape: the path decides the shape (service/frontend/app.py).
 _TF_NOT_FOUND = _json(_MESSAGE_ERROR)
 
 

@@ -16,7 +16,7 @@ kept-alive one after the keep-alive timeout.
 Where the bytes read so far let gunicorn's own parser reach its verdict (a bad header, a
 Content-Length over the body limit, broken chunked framing), the request goes to a thread at
 once: the parser answers from what is buffered, and any body read past it is bounded by the
-app's body deadline (service.body_deadline).
+app's body deadline (service.frontend.body_deadline).
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ class ArrivalWorker(ThreadWorker):
     def load_wsgi(self) -> None:
         """Load the app, and stamp each request's environ with the time it began to arrive."""
         super().load_wsgi()
-        from service.app import ARRIVED_AT, BODY_BUFFERED
+        from service.frontend.app import ARRIVED_AT, BODY_BUFFERED
 
         local = self.local
         app = self.wsgi.wsgi_app
@@ -418,8 +418,7 @@ class ArrivalWorker(ThreadWorker):
 
     def _refuse(self, conn: _Conn, status: int, reason: str, message: str) -> None:
         """Answer a JSON error from the event loop, and close the connection."""
-        from service.app import error_bytes
-        from service.http.base import error_code
+        from service.frontend.raw_errors import error_bytes, error_code
 
         code = error_code(reason)
         self.metrics.ERRORS.labels(code).inc()

@@ -1,4 +1,4 @@
-"""POST /predict: read the uploads and parameters, ask the model service, shape the answer."""
+"""POST /predict: read the uploads and parameters, have the version asked for answer, shape it."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ import numpy as np
 import orjson
 from flask import Blueprint, Request, Response, current_app, g, request
 
-from service.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
-from service.frontend.versions import RemoteVersion, Upload
-from service.http.base import (
+from service.errors import InvalidRequest, UnsupportedMediaType
+from service.frontend.http.base import (
     authorize,
     b64_upload,
+    check_image_count,
     json_response,
     lease,
     number_parameter,
+    ranked,
     read_body,
 )
+from service.frontend.versions import RemoteVersion, Upload
 from service.settings import Settings
 
 blueprint = Blueprint("predict", __name__)
@@ -33,13 +35,13 @@ def predict() -> Response:
     settings: Settings = current_app.config["SETTINGS"]
     authorize(request, current_app.config["API_TOKEN"])
     top_k = _top_k(request)
-    service = lease(request.args.get("model") or None, request.args.get("version") or None)
+    served = lease(request.args.get("model") or None, request.args.get("version") or None)
     read_at = time.perf_counter()
     uploads = read_uploads(request, settings.max_images_per_request)
     predict_at = time.perf_counter()
-    probabilities = service.predict(uploads, deadline=g.deadline, request_id=g.request_id)
+    probabilities = served.predict(uploads, deadline=g.deadline, request_id=g.request_id)
     answered_at = time.perf_counter()
-    response = json_response(prediction_body(service, probabilities, top_k))
+    response = json_response(prediction_body(served, probabilities, top_k))
     # The standard Server-Timing header: where the time went, for any client to show.
     response.headers["Server-Timing"] = server_timing(
         read=predict_at - read_at,
@@ -54,14 +56,14 @@ def server_timing(**durations_s: float) -> str:
     return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in durations_s.items())
 
 
-def prediction_body(service: RemoteVersion, outputs: list[np.ndarray], top_k: int) -> dict:
+def prediction_body(served: RemoteVersion, outputs: list[np.ndarray], top_k: int) -> dict:
     """Shape the model's outputs as the /predict response contract."""
-    info = service.info
+    info = served.info
     labels = info.labels
     k = min(top_k, len(labels))
     predictions = []
     for output in outputs:
-        order = np.argsort(-output, kind="stable")[:k]
+        order = ranked(output, k)
         probabilities = output.tolist()
         predictions.append(
             {
@@ -98,8 +100,7 @@ def read_uploads(req: Request, max_images: int) -> list[Upload]:
         raise UnsupportedMediaType(
             f"Content-Type {mimetype or '(none)'!r} is not supported; use {ACCEPTED_TYPES}"
         )
-    if len(uploads) > max_images:
-        raise PayloadTooLarge(f"{len(uploads)} images in one request; the limit is {max_images}")
+    check_image_count(len(uploads), max_images)
     return uploads
 
 

@@ -1,11 +1,9 @@
 """The model runtime: the one module of the service that imports Keras, TensorFlow and JAX.
 
-Workers run Keras on the backend KERAS_BACKEND names: `tensorflow` (one `tf.function` graph
+Runners run Keras on the backend KERAS_BACKEND names: `tensorflow` (one `tf.function` graph
 per padded batch size) or `jax` (one `jax.jit`-compiled `stateless_call` per padded batch
-size, compiled ahead of time). The same model.json and weights load into either. The launcher
-imports this module on Keras's numpy backend instead (`cnn-serve` sets KERAS_BACKEND first):
-`check_model` builds and vets the model there, so a bad model stops start-up within seconds,
-and the serving backend is imported once per worker rather than once more in the launcher.
+size, compiled ahead of time). The same model.json and weights load into either; `check_model`
+vets a model folder before it is built into a classifier (and alone, for `cnn-serve --check`).
 """
 
 from __future__ import annotations
@@ -61,7 +59,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_SIZE = {"CPU": 32, "GPU": 128}
 
 
-class Classifier:
+class KerasClassifier:
     """A loaded Keras classifier whose forward pass runs on fixed, padded batch sizes."""
 
     def __init__(self, model: keras.Model, info: ModelInfo, max_batch_size: int) -> None:
@@ -362,7 +360,7 @@ def load_classifier(
     *,
     name: str | None = None,
     version: str | None = None,
-) -> Classifier:
+) -> KerasClassifier:
     """Load the model folder `folder` for serving; max_batch_size 0: the device's default."""
     if BACKEND not in SERVING_BACKENDS:
         raise ModelFolderError(
@@ -372,7 +370,9 @@ def load_classifier(
     device = configure(intra_op_threads).strip("/")
     model, files, spec = check_model(folder, name, version)
     info = ModelInfo(files.name, files.version, files.labels, spec, device)
-    return Classifier(model, info, max_batch_size or DEFAULT_MAX_BATCH_SIZE[device.split(":")[0]])
+    return KerasClassifier(
+        model, info, max_batch_size or DEFAULT_MAX_BATCH_SIZE[device.split(":")[0]]
+    )
 
 
 def _one_line(exc: Exception) -> str:

@@ -1,6 +1,6 @@
 """GET /: a page to try the models in a browser, and its files.
 
-The page is hand-written HTML, CSS and JavaScript (service/http/page/), and speaks only the
+The page is hand-written HTML, CSS and JavaScript (service/frontend/http/page/), and speaks only the
 public API any client uses: /readyz, V2 model metadata, /predict and /metrics. Nothing here
 is page-only but the files themselves.
 """

@@ -18,20 +18,27 @@ from flask import Blueprint, Response, current_app, g, request
 
 from service.errors import (
     InvalidRequest,
-    PayloadTooLarge,
     UnsupportedMediaType,
 )
 from service.frontend.catalogue import Catalogue
+from service.frontend.http import v2_codec
+from service.frontend.http.base import (
+    authorize,
+    check_image_count,
+    json_response,
+    lease,
+    message_only,
+    ranked,
+    read_body,
+)
+from service.frontend.http.v2_codec import InputTensor, OutputTensor
 from service.frontend.versions import RemoteVersion, Upload
-from service.http import v2_codec
-from service.http.base import authorize, json_response, lease, message_only, read_body
-from service.http.v2_codec import InputTensor, OutputTensor
 from service.registry import Models, State
 from service.settings import Settings
 
 PATH_PREFIX = "/v2"
 blueprint = Blueprint("v2", __name__, url_prefix=PATH_PREFIX)
-# Every error under PATH_PREFIX is answered in this shape (service/app.py).
+# Every error under PATH_PREFIX is answered in this shape (served/frontend/app.py).
 error_body = message_only
 
 IMAGE, PIXELS, OUTPUT = "image", "pixels", "probabilities"
@@ -155,7 +162,7 @@ def infer(name: str, version: str | None) -> Response:
     """Run the request's one input through the model; answer the outputs it asks for."""
     settings: Settings = current_app.config["SETTINGS"]
     authorize(request, current_app.config["API_TOKEN"])
-    service = lease(name, version)
+    served = lease(name, version)
     if request.mimetype not in ACCEPTED_TYPES:
         raise UnsupportedMediaType(
             f"Content-Type {request.mimetype!r} is not supported; use application/json "
@@ -170,13 +177,10 @@ def infer(name: str, version: str | None) -> Response:
     if len(inputs) != 1:
         raise InvalidRequest(f"send one input, {IMAGE!r} or {PIXELS!r}; got {len(inputs)}")
     count = len(inputs[0].value)
-    if count > settings.max_images_per_request:
-        raise PayloadTooLarge(
-            f"{count} images in one request; the limit is {settings.max_images_per_request}"
-        )
-    probabilities = np.stack(_predict(service, inputs[0]))
-    outputs = [_output(service, probabilities, output) for output in requested]
-    info = service.info
+    check_image_count(count, settings.max_images_per_request)
+    probabilities = np.stack(_predict(served, inputs[0]))
+    outputs = [_output(served, probabilities, output) for output in requested]
+    info = served.info
     answer: dict[str, object] = {"model_name": info.name, "model_version": info.version}
     if "id" in document:
         answer["id"] = document["id"]
@@ -190,7 +194,7 @@ def infer(name: str, version: str | None) -> Response:
     return response
 
 
-def _predict(service: RemoteVersion, tensor: InputTensor) -> list[np.ndarray]:
+def _predict(served: RemoteVersion, tensor: InputTensor) -> list[np.ndarray]:
     if not len(tensor.value):
         raise InvalidRequest(f"input {tensor.name!r} holds no image")
     if tensor.name == IMAGE:
@@ -200,24 +204,24 @@ def _predict(service: RemoteVersion, tensor: InputTensor) -> list[np.ndarray]:
         uploads = [
             Upload(f"image {i + 1} ({IMAGE}[{i}])", data) for i, data in enumerate(tensor.value)
         ]
-        return service.predict(uploads, deadline=g.deadline, request_id=g.request_id)
+        return served.predict(uploads, deadline=g.deadline, request_id=g.request_id)
     if tensor.name == PIXELS:
         if not isinstance(tensor.value, np.ndarray):
             raise InvalidRequest(f"input {PIXELS!r} must be UINT8 or FP32 [N, H, W, C]")
-        return service.predict_tensor(tensor.value, deadline=g.deadline, request_id=g.request_id)
+        return served.predict_tensor(tensor.value, deadline=g.deadline, request_id=g.request_id)
     raise InvalidRequest(f"unknown input {tensor.name!r}; the model takes {IMAGE!r} or {PIXELS!r}")
 
 
 def _output(
-    service: RemoteVersion, probabilities: np.ndarray, output: v2_codec.RequestedOutput
+    served: RemoteVersion, probabilities: np.ndarray, output: v2_codec.RequestedOutput
 ) -> OutputTensor:
     if output.name != OUTPUT:
         raise InvalidRequest(f"unknown output {output.name!r}; the model gives {OUTPUT!r}")
     if not output.classification:
         return OutputTensor(OUTPUT, "FP32", list(probabilities.shape), probabilities)
-    labels = service.info.labels
+    labels = served.info.labels
     k = min(output.classification, len(labels))
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    order = ranked(probabilities, k)
     # As Triton writes them: "<value>:<index>:<label>", the value as C's %f.
     classes = [
         f"{row[i]:f}:{i}:{labels[i]}".encode()

@@ -9,12 +9,14 @@ import hmac
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import orjson
 from flask import Blueprint, Flask, Request, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service import metrics
 from service.errors import InvalidRequest, PayloadTooLarge, ServiceError, Unauthorized
+from service.frontend.raw_errors import error_code
 from service.frontend.versions import RemoteVersion, Upload
 from service.registry import Models
 
@@ -51,9 +53,16 @@ def message_only(code: str, message: str) -> dict[str, str]:
     return {"error": message}
 
 
-def error_code(reason: str) -> str:
-    """Return a reason phrase as an error code: "Method Not Allowed" -> "method_not_allowed"."""
-    return reason.lower().replace(" ", "_")
+def check_image_count(count: int, limit: int) -> None:
+    """Refuse a request carrying more images than `limit` (413)."""
+    if count > limit:
+        raise PayloadTooLarge(f"{count} images in one request; the limit is {limit}")
+
+
+def ranked(probabilities: np.ndarray | list[float], k: int | None = None) -> np.ndarray:
+    """Return each row's class indices, the most probable first (ties in class order), the
+    first `k` of them if given."""
+    return np.argsort(-np.asarray(probabilities), axis=-1, kind="stable")[..., :k]
 
 
 def answer_errors(target: Flask | Blueprint, body: ErrorBody) -> None:

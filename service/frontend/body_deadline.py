@@ -1,6 +1,6 @@
 """Bound the time a request body may take to arrive, so a slow client cannot hold a thread.
 
-The service's worker (service/worker.py) reads bodies whole before a thread runs, except
+The service's worker (service/frontend/worker.py) reads bodies whole before a thread runs, except
 where it hands a request over early (a body over the limit, framing the parser judges).
 There gunicorn reads the rest with blocking `recv` calls and no timeout, and a socket
 timeout would not help: it bounds each `recv`, and a client sending a byte every

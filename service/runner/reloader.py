@@ -31,8 +31,8 @@ from model_folder import repository
 from model_folder.errors import ModelFolderError
 from model_folder.repository import ModelEntry, VersionFolder
 from service import metrics
-from service.inference import Classifier, ModelVersion
 from service.registry import Models, Phase, State
+from service.runner.inference import Classifier, ModelVersion
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class ModelManager:
         runner: str = "0",
     ) -> None:
         """Serve `classifier` alone if given (no folder, no reloads); else load from the folder
-        of settings, with `loader` (default: Keras through service.runtime, or the stand-in
+        of settings, with `loader` (default: Keras through service.runner.runtime, or the stand-in
         runtime settings.runtime names)."""
         self.settings = settings
         self.models = models
@@ -156,20 +156,34 @@ class ModelManager:
                 self._publish(given, started)
             else:
                 if self._loader == self._load_with_runtime and not self.settings.runtime:
-                    from service import runtime  # noqa: F401 - TensorFlow and Keras, imported
+                    from service.runner import runtime  # noqa: F401 - TensorFlow and Keras, imported
                 _freeze_what_is_loaded()
                 self.sync(force=True)
+        except ModelFolderError as exc:
+            self._fail(str(exc))
         except Exception as exc:
             self._fail(f"model start-up failed: {type(exc).__name__}: {exc}")
         else:
-            if not self.models.available():
-                refused = [s.error for s in self.models.statuses() if s.error]
-                self._fail("; ".join(refused) or f"{self.settings.model_path}: no model to serve")
+            if unserved := self._unserved():
+                self._fail("; ".join(unserved))
             elif self.phase is Phase.STARTING:
                 self.phase = Phase.READY
                 self.models.set_unready_reason(None)
         finally:
             self._started.set()
+
+    def _unserved(self) -> list[str]:
+        """Return why each model with no version to serve has none: at start-up, any such
+        model stops the start (later, a reload only reports it)."""
+        reasons = list(self._config_errors.values())
+        for name in self.models.names():
+            statuses = self.models.statuses(name)
+            if not any(status.state is State.AVAILABLE for status in statuses):
+                errors = [status.error for status in statuses if status.error]
+                reasons.append("; ".join(errors) or f"model {name!r} has no version to serve")
+        if not reasons and not self.models.available():
+            reasons.append(f"{self.settings.model_path}: no model to serve")
+        return reasons
 
     def _fail(self, message: str) -> None:
         self.phase = Phase.FAILED
@@ -339,7 +353,7 @@ class ModelManager:
             load = getattr(importlib.import_module(module), function)
             classifier = load(folder, self.settings, name, version)
         else:
-            from service.runtime import load_classifier  # the only path into Keras
+            from service.runner.runtime import load_classifier  # the only path into Keras
 
             classifier = load_classifier(
                 folder,

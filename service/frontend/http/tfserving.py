@@ -13,22 +13,24 @@ import orjson
 from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from service.errors import InvalidRequest, PayloadTooLarge
-from service.frontend.versions import RemoteVersion
-from service.http.base import (
+from service.errors import InvalidRequest
+from service.frontend.http.base import (
     authorize,
     b64_upload,
+    check_image_count,
     json_response,
     lease,
     message_only,
+    ranked,
     read_body,
 )
+from service.frontend.versions import RemoteVersion
 from service.registry import Models, Phase, State
 from service.settings import Settings
 
 PATH_PREFIX = "/v1"
 blueprint = Blueprint("tfserving", __name__)
-# Every error under PATH_PREFIX is answered in this shape (service/app.py).
+# Every error under PATH_PREFIX is answered in this shape (served/frontend/app.py).
 error_body = message_only
 
 SIGNATURE = "serving_default"
@@ -62,8 +64,8 @@ def dispatch(rest: str) -> Response:
         raise MethodNotAllowed(valid_methods=allowed)
     authorize(request, current_app.config["API_TOKEN"])
     if verb:
-        service = lease(name, version, label)
-        return _predict(service) if verb == "predict" else _classify(service)
+        served = lease(name, version, label)
+        return _predict(served) if verb == "predict" else _classify(served)
     models: Models = current_app.extensions["models"]
     if parts[1:]:
         return json_response(_metadata(models.find(name, version, label)))
@@ -90,9 +92,9 @@ def _status(models: Models, name: str, version: str | None) -> dict:
     return {"model_version_status": rows}
 
 
-def _metadata(service: RemoteVersion) -> dict:
+def _metadata(served: RemoteVersion) -> dict:
     """Describe the model as a GetModelMetadataResponse with one signature_def."""
-    info = service.info
+    info = served.info
 
     def tensor(name: str, dtype: str, shape: list[int]) -> dict:
         dims = [{"size": str(size), "name": ""} for size in shape]
@@ -112,7 +114,7 @@ def _metadata(service: RemoteVersion) -> dict:
     }
 
 
-def _predict(service: RemoteVersion) -> Response:
+def _predict(served: RemoteVersion) -> Response:
     document = _request_document()
     if ("instances" in document) == ("inputs" in document):
         raise InvalidRequest('send exactly one of "instances" (row) or "inputs" (columnar)')
@@ -121,14 +123,14 @@ def _predict(service: RemoteVersion) -> Response:
         if not isinstance(instances, list):
             raise InvalidRequest('"instances" must be a list, one item per image')
         images = [_unnamed(item, f"instances[{i}]") for i, item in enumerate(instances)]
-        return json_response({"predictions": _run(service, images, "instances")})
+        return json_response({"predictions": _run(served, images, "instances")})
     columns = _unnamed(document["inputs"], "inputs")
     if not isinstance(columns, list):
         raise InvalidRequest('"inputs" must be a list of images, or {"<input>": [...]}')
-    return json_response({"outputs": _run(service, columns, "inputs")})
+    return json_response({"outputs": _run(served, columns, "inputs")})
 
 
-def _classify(service: RemoteVersion) -> Response:
+def _classify(served: RemoteVersion) -> Response:
     examples = _request_document().get("examples")
     if not isinstance(examples, list):
         raise InvalidRequest(
@@ -139,10 +141,10 @@ def _classify(service: RemoteVersion) -> Response:
         if not isinstance(example, dict) or EXAMPLE_FEATURE not in example:
             raise InvalidRequest(f'examples[{i}] has no "{EXAMPLE_FEATURE}" feature')
         images.append(example[EXAMPLE_FEATURE])
-    labels = service.info.labels
+    labels = served.info.labels
     result = []
-    for output in _run(service, images, "examples"):
-        order = np.argsort(-np.asarray(output), kind="stable")
+    for output in _run(served, images, "examples"):
+        order = ranked(output)
         result.append([[labels[k], output[k]] for k in order])
     return json_response({"result": result})
 
@@ -172,17 +174,15 @@ def _unnamed(value: object, where: str) -> object:
     return value
 
 
-def _run(service: RemoteVersion, images: list, where: str) -> list[list[float]]:
+def _run(served: RemoteVersion, images: list, where: str) -> list[list[float]]:
     """Return the probabilities of b64 images or of one float tensor, in order."""
     settings: Settings = current_app.config["SETTINGS"]
     if not images:
         raise InvalidRequest(f'"{where}" holds no image')
-    if len(images) > settings.max_images_per_request:
-        limit = settings.max_images_per_request
-        raise PayloadTooLarge(f"{len(images)} images in one request; the limit is {limit}")
+    check_image_count(len(images), settings.max_images_per_request)
     if all(isinstance(image, dict) for image in images):
         uploads = [b64_upload(f"{where}[{i}]", image) for i, image in enumerate(images)]
-        outputs = service.predict(uploads, deadline=g.deadline, request_id=g.request_id)
+        outputs = served.predict(uploads, deadline=g.deadline, request_id=g.request_id)
     else:
         try:
             batch = np.asarray(images, dtype=np.float32)
@@ -191,5 +191,5 @@ def _run(service: RemoteVersion, images: list, where: str) -> list[list[float]]:
                 f"{where}: each image must be {{'b64': ...}} or a nested list of numbers "
                 "of the model's input shape"
             ) from None
-        outputs = service.predict_tensor(batch, deadline=g.deadline, request_id=g.request_id)
+        outputs = served.predict_tensor(batch, deadline=g.deadline, request_id=g.request_id)
     return [output.tolist() for output in outputs]

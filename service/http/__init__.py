@@ -1,1 +1,0 @@
-"""The HTTP layer: one module per protocol, over the data plane in service/inference.py."""
