@@ -39,6 +39,7 @@ run: demo-model
 # Load benchmark (issue-free loopback only): needs wrk (apt-get install wrk).
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/split.py
 
 # Known-vulnerability audit of the installed dependencies; needs the PyPI JSON API or OSV,
 # which the development and CI machines cannot reach.

@@ -3,7 +3,7 @@
 Run: KERAS_BACKEND=jax python bench/compute_limit.py MODEL_DIR SECONDS [SIZES]; prints one
 JSON line: the device and the images/s at each batch size (SIZES: comma-separated, default
 1,32,128).
-It goes through the service's own runtime (service/runtime.py: padded sizes, compiled once),
+It goes through the service's own runtime (service/runner/runtime.py: padded sizes, compiled once),
 so it is the most that runtime can do with no HTTP, decoding or batching around it. On JAX on
 a CPU it times the runtime twice, with its XLA options and with XLA's defaults, and keeps the
 faster at each size: the limit is the best that XLA can do, not only what the service chose.
@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service import runtime
+from service.runner import runtime
 
 SIZES = (1, 32, 128)
 

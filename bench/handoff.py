@@ -24,7 +24,7 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="cnn-h
 
 from bench.run import write_reference_model
 from service import metrics, runtime
-from service.batching import Batcher
+from service.runner.batching import Batcher
 
 CALLS = 2000
 WARM = 200  # calls left out of the figures

@@ -26,15 +26,21 @@ from bench import run
 PARTS = [
     ("decoding and resizing (Pillow)", ("model_folder/preprocessing.py", "PIL/")),
     ("metrics", ("service/metric_values.py", "prometheus_client/", "service/metrics.py")),
-    ("forward pass (Keras runtime)", ("service/runtime.py", "jax/", "jaxlib/", "tensorflow/")),
-    ("batcher and hand-offs", ("service/batching.py", "concurrent/futures/_base.py")),
+    (
+        "forward pass (Keras runtime)",
+        ("service/runner/runtime.py", "jax/", "jaxlib/", "tensorflow/"),
+    ),
+    ("batcher and hand-offs", ("service/runner/batching.py", "concurrent/futures/_base.py")),
     ("answer (JSON)", ("prediction_body", "json_response", "orjson")),
-    ("model lookup and lease", ("service/registry.py", "service/inference.py")),
-    ("body deadline", ("service/body_deadline.py",)),
-    ("app hooks (ids, deadline, request metrics)", ("service/app.py",)),
+    ("model lookup and lease", ("service/registry.py", "service/runner/inference.py")),
+    ("body deadline", ("service/frontend/body_deadline.py",)),
+    ("app hooks (ids, deadline, request metrics)", ("service/frontend/app.py",)),
     ("Flask and werkzeug", ("flask/", "werkzeug/")),
     ("gunicorn parsing and writing", ("gunicorn/http/", "gunicorn/util.py")),
-    ("event loop (worker.py, gthread)", ("service/worker.py", "gunicorn/workers/", "selectors")),
+    (
+        "event loop (worker.py, gthread)",
+        ("service/frontend/worker.py", "gunicorn/workers/", "selectors"),
+    ),
     ("numpy", ("numpy/",)),
 ]
 

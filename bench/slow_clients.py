@@ -79,7 +79,7 @@ def reference(url: str, data: bytes) -> np.ndarray:
 
 
 def print_table(args: argparse.Namespace, rows: list, idle_p99: float) -> None:
-    worker = args.worker or "service.worker.ArrivalWorker"
+    worker = args.worker or "service.frontend.worker.ArrivalWorker"
     print(
         f"\nworker: {worker}; {args.connections} slow connections; {args.canary} canary "
         "requests per phase, one every 100 ms, 10 s timeout\n"

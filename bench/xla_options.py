@@ -1,4 +1,4 @@
-"""The service's XLA options on a CPU (service/runtime.py CPU_COMPILER_OPTIONS) against XLA's
+"""The service's XLA options on a CPU (service/runner/runtime.py CPU_COMPILER_OPTIONS) against XLA's
 defaults, for the reference CNN on JAX: images/s and build time (tracing and compiling, as
 the service's runtime does it) at each batch size.
 
@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.run import write_reference_model
-from service import runtime
+from service.runner import runtime
 
 ROUNDS = 7
 ROUND_S = 0.15
@@ -38,7 +38,7 @@ def main() -> None:
     forwards, compile_s = {}, {}
     for size in sizes:
         for name, options in variants.items():
-            # The service's own compile path (service/runtime.py), on each set of options.
+            # The service's own compile path (service/runner/runtime.py), on each set of options.
             runtime.CPU_COMPILER_OPTIONS.clear()
             runtime.CPU_COMPILER_OPTIONS.update(options)
             started = time.perf_counter()
