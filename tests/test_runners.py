@@ -31,7 +31,7 @@ from tests.conftest import (
 )
 from tests.load import children, post_png, runner_pids, samples, scrape, worker_pids
 from tests.test_faults import GREY, in_background, result_of
-from tests.test_reload import publish, repository_server, wait_until
+from tests.test_reload import predict, publish, repository_server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -59,16 +59,10 @@ def ready(url: str) -> bool:
         return False
 
 
-def post_quietly(url: str, data: bytes, **query: str) -> requests.Response | str:
+def post_quietly(url: str, data: bytes) -> requests.Response | str:
     """POST an image; return the response, or what went wrong on the connection."""
     try:
-        return requests.post(
-            f"{url}/predict",
-            params=query,
-            data=data,
-            headers={"Content-Type": "image/png"},
-            timeout=120,
-        )
+        return predict(url, data)
     except requests.RequestException as exc:
         return repr(exc)
 
