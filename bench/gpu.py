@@ -2,11 +2,12 @@
 
 Run through bench/gpu.sh on a machine with JAX and CUDA (TensorFlow is not needed). It
 1. times the reference model alone, in-process, at batch 1 to 256: the GPU's limit;
-2. starts `cnn-serve` on JAX and checks that /readyz names a GPU;
+2. starts `cnn-serve` on JAX (one runner on the GPU) and checks that /readyz names a GPU,
+   once for each front-end worker count of --workers (default: 1, then the machine's cores);
 3. loads it with one 32x32 PNG per request at concurrency 1, 32 and 128, and with 16 PNGs per
    request, from a multi-process client (wrk where it is installed would be faster, but GPU
    machines seldom have it);
-4. reads the workers' GPU memory before and after the load, which must stay bounded;
+4. reads the server's GPU memory before and after the load, which must stay bounded;
 5. prints each level's images/s as a ratio to the best in-process limit, and the mean batch.
 `--allow-cpu` runs the same path on JAX on the CPU (tests/test_bench.py does, in CI).
 """
@@ -108,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=8, help="seconds per load level")
     parser.add_argument("--concurrency", default="1,32,128", help="levels for one PNG each")
+    parser.add_argument(
+        "--workers",
+        default=f"1,{len(os.sched_getaffinity(0))}",
+        help="front-end worker counts to serve with, each against the same limit",
+    )
     parser.add_argument("--allow-cpu", action="store_true", help="run on JAX's CPU too")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -120,58 +126,90 @@ def main(argv: list[str] | None = None) -> int:
         device, limit = run.compute_limit(model_dir / "1", min(args.seconds, 3.0), "jax", sizes)
         if not device.startswith("GPU") and not args.allow_cpu:
             raise SystemExit(f"bench/gpu.py: JAX runs on {device}, not a GPU")
-        port = run.free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {"KERAS_BACKEND": "jax", "WORKERS": os.environ.get("WORKERS", "2")}
-        service = run.start_service(model_dir, port, folder, env)
-        try:
-            ready_s = run.wait_ready(url + "/readyz", service, timeout=600)
-            with urllib.request.urlopen(url + "/readyz", timeout=10) as answer:
-                served = json.load(answer)["models"]
-            devices = sorted({row["device"] for row in served})
-            if devices != [device]:
-                raise SystemExit(f"bench/gpu.py: /readyz says {devices}, the limit ran on {device}")
-            workers = [pid for pid in run.process_tree(service.pid) if pid != service.pid]
-            memory_before = gpu_memory_mb(workers)
-            runs = [load(port, payloads["png32"], level, args.seconds) for level in levels]
-            runs.append(load(port, payloads["16xpng32"], 32, args.seconds))
-            memory_after = gpu_memory_mb(workers)
-            batch_sum, batch_count = run.scrape_batches(url)
-        finally:
-            run.stop(service)
-    mean_batch = batch_sum / batch_count if batch_count else 0.0
+        runs, memory, batches, ready = [], [], [0.0, 0.0], {}
+        for workers in dict.fromkeys(int(w) for w in args.workers.split(",")):
+            served = serve(model_dir, folder, payloads, device, workers, levels, args.seconds)
+            runs += served["runs"]
+            memory.append(served["memory"])
+            batches = [a + b for a, b in zip(batches, served["batches"], strict=True)]
+            ready[workers] = served["ready_s"]
     report = {
         "device": device,
-        "ready_s": ready_s,
+        "ready_s": ready,
         "limit": limit,
         "runs": runs,
-        "mean_batch": mean_batch,
-        "gpu_memory_mb": [memory_before, memory_after],
+        "mean_batch": batches[0] / batches[1] if batches[1] else 0.0,
+        "gpu_memory_mb": memory,
     }
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    if memory_before is not None and memory_after - memory_before > MEMORY_GROWTH_MB:
-        print(f"GPU memory grew by {memory_after - memory_before:.0f} MB under load: unbounded")
-        return 1
+    for before, after in memory:
+        if before is not None and after - before > MEMORY_GROWTH_MB:
+            print(f"GPU memory grew by {after - before:.0f} MB under load: unbounded")
+            return 1
     return 0
+
+
+def serve(
+    model_dir: Path,
+    folder: Path,
+    payloads: dict[str, run.Payload],
+    device: str,
+    workers: int,
+    levels: list[int],
+    seconds: float,
+) -> dict:
+    """Serve with `workers` front-end workers and load it at each level; return the runs."""
+    port = run.free_port()
+    url = f"http://127.0.0.1:{port}"
+    service = run.start_service(
+        model_dir, port, folder, {"KERAS_BACKEND": "jax", "WORKERS": str(workers)}
+    )
+    try:
+        ready_s = run.wait_ready(url + "/readyz", service, timeout=600)
+        with urllib.request.urlopen(url + "/readyz", timeout=10) as answer:
+            served = json.load(answer)["models"]
+        devices = sorted({row["device"] for row in served})
+        if devices != [device]:
+            raise SystemExit(f"bench/gpu.py: /readyz says {devices}, the limit ran on {device}")
+        processes = [pid for pid in run.process_tree(service.pid) if pid != service.pid]
+        memory_before = gpu_memory_mb(processes)
+        runs = [load(port, payloads["png32"], level, seconds) for level in levels]
+        runs.append(load(port, payloads["16xpng32"], 32, seconds))
+        memory_after = gpu_memory_mb(processes)
+        batches = run.scrape_batches(url)
+    finally:
+        run.stop(service)
+    for result in runs:
+        result["workers"] = workers
+    return {
+        "runs": runs,
+        "memory": (memory_before, memory_after),
+        "batches": batches,
+        "ready_s": ready_s,
+    }
 
 
 def print_report(report: dict) -> None:
     limit = report["limit"]
     best = max(limit.values())
-    print(f"Device: {report['device']}; ready after {report['ready_s']:.1f} s")
+    ready = ", ".join(f"{s:.1f} s with {w} workers" for w, s in report["ready_s"].items())
+    print(f"Device: {report['device']}; ready after {ready}")
     print("In-process limit: " + ", ".join(f"batch {b}: {r:,.0f}" for b, r in limit.items()))
-    before, after = report["gpu_memory_mb"]
-    if before is not None:
-        print(f"Workers' GPU memory: {before:.0f} MB after warm-up, {after:.0f} MB after the load")
+    for before, after in report["gpu_memory_mb"]:
+        if before is not None:
+            print(f"Server's GPU memory: {before:.0f} MB after warm-up, {after:.0f} MB after load")
     print(f"Mean batch over all levels: {report['mean_batch']:.1f}")
-    print("| payload | concurrency | images/s | p50 ms | p99 ms | / best in-process limit |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| workers | payload | concurrency | images/s | p50 ms | p99 ms | / best in-process limit |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for r in report["runs"]:
         print(
-            f"| {r['payload']} | {r['concurrency']} | {r['images_per_s']:,.0f} | "
-            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['images_per_s'] / best:.2f} |"
+            f"| {r['workers']} | {r['payload']} | {r['concurrency']} | "
+            f"{r['images_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{r['images_per_s'] / best:.2f} |"
         )
 
 

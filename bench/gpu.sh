@@ -5,7 +5,8 @@
 #   WHEELS=wheels bash bench/gpu.sh        # install them offline from wheels in ./wheels first
 # Make such a folder where PyPI is reachable (small wheels, well under the 64 MiB such machines take):
 #   pip download -d wheels flask gunicorn pillow prometheus-client orjson keras flask-swagger-ui
-# WORKERS (default 2): workers on the one GPU, each with its own copy of the model.
+# One runner holds the model on the GPU; it is measured with one front-end worker, then with
+# one per core (bench/gpu.py --workers, default "1,<cores>"), against the same in-process limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}

@@ -67,15 +67,22 @@ def test_bench_runs_and_reports_every_payload_without_errors(tmp_path):
 def test_gpu_script_serves_on_jax_and_compares_with_the_in_process_limit(tmp_path):
     report = tmp_path / "gpu.json"
     result = run_script(
-        "bench/gpu.py", "--allow-cpu", "--seconds", "1", "--concurrency", "1,2", report=report
+        "bench/gpu.py",
+        "--allow-cpu",
+        "--seconds",
+        "1",
+        "--concurrency",
+        "1,2",
+        "--workers",
+        "1,2",
+        report=report,
     )
     document = json.loads(report.read_text())
     assert document["device"] == "CPU:0"  # what /readyz said, checked against the limit's
     assert sorted(map(int, document["limit"])) == [1, 2, 4, 8]
-    assert [(r["payload"], r["concurrency"]) for r in document["runs"]] == [
-        ("png32", 1),
-        ("png32", 2),
-        ("16xpng32", 32),
+    levels = [("png32", 1), ("png32", 2), ("16xpng32", 32)]
+    assert [(r["workers"], r["payload"], r["concurrency"]) for r in document["runs"]] == [
+        (workers, *level) for workers in (1, 2) for level in levels
     ]
     assert all(r["images_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in document["runs"])
     assert "| / best in-process limit |" in result.stdout
