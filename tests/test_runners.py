@@ -350,3 +350,72 @@ def test_the_runners_and_workers_end_when_the_master_is_killed(server_factory, m
         "the workers and the runner ended with their master",
     )
     wait_until(lambda: not abstract_sockets(f"{master}-"), 10, "no socket left")
+
+
+@pytest.fixture
+def waiting_app(model_dir, classifier):
+    """Return an app whose batches wait up to 30 s for requests announced on their way."""
+    from service.frontend.app import create_app
+
+    settings = Settings(model_dir=str(model_dir), max_batch_delay_ms=30_000, max_batch_size=16)
+    app = create_app(settings, classifier)
+    yield app
+    app.extensions["runner"].close(timeout=5)
+
+
+def batches(text_labels: dict[str, str]) -> tuple[float, float]:
+    from prometheus_client import REGISTRY
+
+    get = REGISTRY.get_sample_value
+    return (
+        get("cnn_batch_size_sum", text_labels) or 0.0,
+        get("cnn_batch_size_count", text_labels) or 0.0,
+    )
+
+
+def test_a_batch_waits_for_a_request_announced_on_its_way_and_runs_with_it(waiting_app):
+    served = waiting_app.extensions["models"].find()
+    labels = {"model": served.info.name, "version": served.info.version, "runner": "0"}
+    pixels = np.zeros((1, *served.info.input_shape), dtype=np.uint8)
+    deadline = time.monotonic() + 20
+    before = batches(labels)
+    # A worker thread decoding an upload has told the runner; its pixels come later.
+    announced = served.client.announce(
+        0, model=served.info.name, version=served.info.version, deadline=deadline
+    )
+    assert announced
+    other = in_background(served.predict_tensor, pixels, deadline)
+    time.sleep(0.5)
+    assert "result" not in other, "the batch ran without the announced request"
+    [late] = served.client.predict(
+        0,
+        pixels,
+        model=served.info.name,
+        version=served.info.version,
+        deadline=deadline,
+        wait_until=deadline,
+        announced=announced,
+    )
+    [first] = result_of(other)
+    np.testing.assert_allclose(first, late)
+    after = batches(labels)
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 1), "one batch of both"
+
+
+@pytest.mark.parametrize("how", ["withdrawn", "expired"])
+def test_an_announced_request_that_never_comes_is_waited_for_no_longer(waiting_app, how):
+    served = waiting_app.extensions["models"].find()
+    pixels = np.zeros((1, *served.info.input_shape), dtype=np.uint8)
+    # Expired: a worker killed while it decoded; its announcement ends at its deadline.
+    announced_deadline = time.monotonic() + (0.5 if how == "expired" else 20)
+    announced = served.client.announce(
+        0, model=served.info.name, version=served.info.version, deadline=announced_deadline
+    )
+    assert announced
+    other = in_background(served.predict_tensor, pixels, time.monotonic() + 10)
+    if how == "withdrawn":
+        time.sleep(0.2)
+        served.client.withdraw(0, announced)  # its upload was not an image
+    # Waiting out the 30 s delay would pass the request's 10 s deadline: a 504.
+    [answer] = result_of(other, within_s=60)
+    assert answer.shape == (len(served.info.labels),)

@@ -55,11 +55,33 @@ class RunnerClient:
         deadline: float,
         wait_until: float,
         request_id: str = "",
+        announced: int = 0,
     ) -> np.ndarray:
-        """Return runner `index`'s outputs for `tensor`, waiting for them until `wait_until`."""
+        """Return runner `index`'s outputs for `tensor`, waiting for them until `wait_until`
+        (`announced`: the seq `announce` gave, on this thread, for this request)."""
         seq = next(self._seq)
-        frames = wire.predict_request(seq, request_id, deadline, model, version, tensor)
+        frames = wire.predict_request(seq, request_id, deadline, model, version, tensor, announced)
         return self._call(index, seq, frames, wait_until)
+
+    def announce(self, index: int, *, model: str, version: str, deadline: float) -> int:
+        """Tell runner `index` that a request for `model` `version` is on its way, so that a
+        batch forming meanwhile waits for it; return the seq to name in `predict` (0: the
+        runner could not be told, nothing to name)."""
+        seq = next(self._seq)
+        return (
+            seq if self._notify(index, wire.arriving_notice(seq, deadline, model, version)) else 0
+        )
+
+    def withdraw(self, index: int, announced: int) -> None:
+        """Tell runner `index` that the request `announce`d as `announced` will not come."""
+        self._notify(index, wire.left_notice(announced))
+
+    def _notify(self, index: int, frames: wire.Frames) -> bool:
+        try:
+            self._socket(index).send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False  # not connected (yet): nobody waits for what was not announced
+        return True
 
     def catalogue(self, index: int, timeout_s: float) -> dict[str, Any]:
         """Return what runner `index` serves."""

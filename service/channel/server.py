@@ -32,8 +32,14 @@ Respond = Callable[[wire.Frames], None]
 class Handler(Protocol):
     """What the runner does with requests (service.runner.core)."""
 
-    def predict(self, request: wire.Request, respond: Respond) -> None:
-        """Take a prediction, to be answered through `respond`, now or later."""
+    def predict(self, sender: bytes, request: wire.Request, respond: Respond) -> None:
+        """Take a prediction from `sender`, to be answered through `respond`, now or later."""
+
+    def arriving(self, sender: bytes, request: wire.Request) -> None:
+        """Note a request of `sender` on its way (no answer)."""
+
+    def left(self, sender: bytes, request: wire.Request) -> None:
+        """Forget a request of `sender` that will not come (no answer)."""
 
     def catalogue(self) -> dict:
         """Return what the runner serves now."""
@@ -113,10 +119,21 @@ class RunnerServer:
         try:
             if request.kind == wire.CATALOGUE:
                 self._send(identity, wire.catalogue_answer(request.seq, self.handler.catalogue()))
+            elif request.kind == wire.PREDICT:
+                self.handler.predict(identity, request, respond)
+            elif request.kind == wire.ARRIVING:
+                self.handler.arriving(identity, request)
             else:
-                self.handler.predict(request, respond)
+                self.handler.left(identity, request)
         except ServiceError as error:
-            self._send(identity, wire.error_answer(request.seq, error))
+            if request.kind in (wire.CATALOGUE, wire.PREDICT):  # notices get no answer
+                self._send(identity, wire.error_answer(request.seq, error))
+        except Exception:
+            # A fault of the runner's own: this request fails, the loop goes on.
+            log.exception("the runner failed on a request", extra={"kind": request.kind})
+            if request.kind in (wire.CATALOGUE, wire.PREDICT):
+                failure = ServiceError(f"internal error (request id {request.request_id})")
+                self._send(identity, wire.error_answer(request.seq, failure))
 
     def _send_answers(self) -> None:
         while self._answers:

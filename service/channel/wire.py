@@ -7,6 +7,9 @@ is a view of its frame, so an image crosses the boundary as one copy: the socket
 - Request `predict`: seq, request id, deadline (time.monotonic(), which all the processes
   of one machine share), model, version; the frame holds [N, H, W, C] uint8 or float32.
 - Request `catalogue`: seq; the answer's header holds what the runner serves.
+- Notices `arriving` (seq, deadline, model, version: a request whose upload is being decoded,
+  for which a forming batch may wait) and `left` (seq: it will not come); no answer. A
+  `predict` that follows an `arriving` names its seq as `announced`.
 - Answer: seq, and either the outputs ([N, classes] float32 in the frame) or an error as its
   code, message and retry-after, rebuilt on the other side as the same typed error.
 """
@@ -21,7 +24,7 @@ import orjson
 
 from service.errors import Overloaded, ServiceError, rebuild
 
-PREDICT, CATALOGUE = "predict", "catalogue"
+PREDICT, CATALOGUE, ARRIVING, LEFT = "predict", "catalogue", "arriving", "left"
 _DTYPES = {"uint8": np.uint8, "float32": np.float32}
 
 Frames = list[Any]  # bytes, memoryviews or zmq.Frame
@@ -38,12 +41,20 @@ class Request:
     model: str = ""
     version: str = ""
     tensor: np.ndarray | None = None
+    announced: int = 0
 
 
 def predict_request(
-    seq: int, request_id: str, deadline: float, model: str, version: str, tensor: np.ndarray
+    seq: int,
+    request_id: str,
+    deadline: float,
+    model: str,
+    version: str,
+    tensor: np.ndarray,
+    announced: int = 0,
 ) -> Frames:
-    """Encode a prediction request for `tensor`."""
+    """Encode a prediction request for `tensor` (announced by the `arriving` notice of seq
+    `announced`, if not 0)."""
     header = {
         "kind": PREDICT,
         "seq": seq,
@@ -51,9 +62,21 @@ def predict_request(
         "deadline": deadline,
         "model": model,
         "version": version,
+        "announced": announced,
         **_describe(tensor),
     }
     return [orjson.dumps(header), np.ascontiguousarray(tensor)]
+
+
+def arriving_notice(seq: int, deadline: float, model: str, version: str) -> Frames:
+    """Encode the notice that a request for `model` `version` is on its way."""
+    header = {"kind": ARRIVING, "seq": seq, "deadline": deadline, "model": model}
+    return [orjson.dumps({**header, "version": version})]
+
+
+def left_notice(seq: int) -> Frames:
+    """Encode the notice that the request announced as `seq` will not come."""
+    return [orjson.dumps({"kind": LEFT, "seq": seq})]
 
 
 def catalogue_request(seq: int) -> Frames:
@@ -65,8 +88,11 @@ def read_request(frames: Frames) -> Request:
     """Decode a request; raise ValueError if it is not one."""
     header = orjson.loads(_bytes(frames[0]))
     kind = header.get("kind")
-    if kind == CATALOGUE:
-        return Request(CATALOGUE, int(header["seq"]))
+    if kind in (CATALOGUE, LEFT):
+        return Request(kind, int(header["seq"]))
+    if kind == ARRIVING:
+        deadline, model, version = header["deadline"], header["model"], header["version"]
+        return Request(ARRIVING, int(header["seq"]), "", float(deadline), model, version)
     if kind != PREDICT or len(frames) != 2:
         raise ValueError(f"not a request: {header!r}")
     return Request(
@@ -77,6 +103,7 @@ def read_request(frames: Frames) -> Request:
         str(header["model"]),
         str(header["version"]),
         _array(header, frames[1]),
+        int(header.get("announced", 0)),
     )
 
 

@@ -107,13 +107,18 @@ class Batcher:
     @contextmanager
     def arrival(self) -> Iterator[Arrival]:
         """Announce a request that will submit images soon, so a forming batch waits for it."""
-        arrival = Arrival(self)
-        with self._cond:
-            self._arriving += 1
+        arrival = self.announce()
         try:
             yield arrival
         finally:
             arrival.leave()
+
+    def announce(self) -> Arrival:
+        """Count a request on its way (a worker decoding its upload) until it submits or
+        `leave`s: a forming batch waits for it, up to max_delay_s."""
+        with self._cond:
+            self._arriving += 1
+        return Arrival(self)
 
     def wait_queued(self, count: int, timeout: float) -> bool:
         """Wait until at least `count` images are queued; tell whether they are."""

@@ -24,6 +24,7 @@ from service.channel.server import Respond
 from service.channel.slots import SlotTable
 from service.errors import DeadlineExceeded, InferenceFailed, ServiceError
 from service.registry import Models, VersionStatus
+from service.runner.batching import Arrival
 from service.runner.inference import ModelVersion
 from service.runner.reloader import ModelManager
 
@@ -41,30 +42,58 @@ class RunnerCore:
         self.index = index
         self._deadlines: list[tuple[float, int, _Pending]] = []
         self._order = itertools.count()
+        # Requests announced and not yet come, by (worker socket, seq), with their deadline
+        # heap: one whose worker died, or never sent it, stops being waited for then.
+        self._arrivals: dict[tuple[bytes, int], Arrival] = {}
+        self._arrival_deadlines: list[tuple[float, bytes, int]] = []
         self._held = 0
         self._held_lock = threading.Lock()
 
-    def predict(self, request: wire.Request, respond: Respond) -> None:
+    def predict(self, sender: bytes, request: wire.Request, respond: Respond) -> None:
         """Queue the request's images in its version's batcher; answer once they are run."""
         assert request.tensor is not None
-        if request.deadline <= time.monotonic():
-            raise DeadlineExceeded("the request's deadline passed before it reached the runner")
-        served: ModelVersion = self.models.serving(request.model, request.version)
-        futures = served.submit(request.tensor, request.deadline)
+        arrival = self._arrivals.pop((sender, request.announced), None)
+        try:
+            if request.deadline <= time.monotonic():
+                raise DeadlineExceeded("the request's deadline passed before it reached the runner")
+            served: ModelVersion = self.models.serving(request.model, request.version)
+            futures = served.submit(request.tensor, request.deadline, arrival)
+        finally:
+            if arrival is not None:
+                arrival.leave()  # at once if submit did not take it
         served.hold()
         self._count_held(len(futures))
         pending = _Pending(request, served, futures, respond, self._count_held)
         heapq.heappush(self._deadlines, (request.deadline, next(self._order), pending))
         pending.watch()
 
+    def arriving(self, sender: bytes, request: wire.Request) -> None:
+        """Have the version's forming batch wait for a request whose upload is decoding."""
+        served: ModelVersion = self.models.serving(request.model, request.version)
+        self._arrivals[(sender, request.seq)] = served.batcher.announce()
+        heapq.heappush(self._arrival_deadlines, (request.deadline, sender, request.seq))
+
+    def left(self, sender: bytes, request: wire.Request) -> None:
+        """Stop waiting for an announced request that will not come (its upload was bad)."""
+        arrival = self._arrivals.pop((sender, request.seq), None)
+        if arrival is not None:
+            arrival.leave()
+
     def expire(self, now: float) -> float | None:
-        """Cancel the queued images of requests past their deadline; return the next one."""
+        """Cancel the queued images of requests past their deadline, stop waiting for those
+        announced and not come by theirs; return the next deadline."""
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, pending = heapq.heappop(self._deadlines)
             pending.cancel()
         while self._deadlines and self._deadlines[0][2].answered:
             heapq.heappop(self._deadlines)
-        return self._deadlines[0][0] if self._deadlines else None
+        while self._arrival_deadlines and self._arrival_deadlines[0][0] <= now:
+            _, sender, seq = heapq.heappop(self._arrival_deadlines)
+            arrival = self._arrivals.pop((sender, seq), None)
+            if arrival is not None:
+                arrival.leave()
+        next_deadlines = [heap[0][0] for heap in (self._deadlines, self._arrival_deadlines) if heap]
+        return min(next_deadlines, default=None)
 
     def catalogue(self) -> dict[str, Any]:
         """Return what this runner serves, for the workers."""

@@ -17,7 +17,7 @@ from model_folder.files import ModelInfo
 from model_folder.preprocessing import to_model_input
 from service import metrics
 from service.errors import InvalidRequest, ModelNotReady
-from service.runner.batching import Batcher
+from service.runner.batching import Arrival, Batcher
 from service.settings import Settings
 
 
@@ -96,12 +96,15 @@ class ModelVersion:
         """Finish queued work and stop the batcher."""
         self.batcher.close(timeout)
 
-    def submit(self, tensor: np.ndarray, deadline: float) -> list[Future]:
+    def submit(
+        self, tensor: np.ndarray, deadline: float, arrival: Arrival | None = None
+    ) -> list[Future]:
         """Queue the images of `tensor` ([N, H, W, C] at the model's input size) for their
         batches; return one future of class probabilities per image, in order.
 
         uint8 pixels are scaled as the model folder says (decoded uploads are such pixels),
-        float32 values are taken as the model's input values.
+        float32 values are taken as the model's input values. `arrival`, the request's
+        announcement, stops being waited for as its images join the queue.
         """
         if not self.batcher.alive:
             raise ModelNotReady(
@@ -114,4 +117,4 @@ class ModelVersion:
                 f"[N, {', '.join(map(str, spec.shape))}]"
             )
         inputs = to_model_input(tensor, spec) if tensor.dtype == np.uint8 else tensor
-        return self.batcher.submit(list(inputs), deadline)
+        return self.batcher.submit(list(inputs), deadline, arrival)
