@@ -182,14 +182,8 @@ class Server:
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_server(
-    model: Path, log_dir: Path, ready_timeout: float = 90, app: str | None = None, **env: str
-) -> Server:
-    """Start `python -m service` on a free loopback port and wait until /readyz says 200.
-
-    With `app` (a gunicorn app spec such as 'tests.fault_app:create()'), start gunicorn
-    directly with the service's config around that app instead.
-    """
+def start_server(model: Path, log_dir: Path, ready_timeout: float = 90, **env: str) -> Server:
+    """Start `python -m service` on a free loopback port and wait until /readyz says 200."""
     port = free_port()
     environment = {
         **os.environ,
@@ -203,8 +197,6 @@ def start_server(
         **env,
     }
     command = [sys.executable, "-m", "service"]
-    if app is not None:
-        command = [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf", app]
     log_path = log_dir / f"server-{port}.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
@@ -231,8 +223,8 @@ def server_factory(tmp_path) -> Iterator[Callable[..., Server]]:
     """Start real servers on demand; stop every one of them (by PID) afterwards."""
     started: list[Server] = []
 
-    def start(model: Path, app: str | None = None, **env: str) -> Server:
-        server = start_server(model, tmp_path, app=app, **env)
+    def start(model: Path, **env: str) -> Server:
+        server = start_server(model, tmp_path, **env)
         started.append(server)
         return server
 
