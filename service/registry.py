@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Generic, Protocol, TypeVar
 
 from model_folder.files import ModelInfo
 from model_folder.repository import version_key
@@ -19,8 +19,8 @@ from service.errors import ModelNotFound, ModelNotReady, Overloaded
 
 
 class Served(Protocol):
-    """A version that serves: in a runner, its batcher (service.runner.inference.ModelVersion); in a
-    worker, the runners that hold it (service.frontend.versions.RemoteVersion)."""
+    """A version that serves: in a runner, its batcher (service.runner.inference.ModelVersion);
+    in a worker, the runners that hold it (service.frontend.versions.RemoteVersion)."""
 
     info: ModelInfo
 
@@ -32,7 +32,8 @@ class Served(Protocol):
     def release(self) -> None: ...
 
 
-ModelVersion = Any  # what a registry holds: a Served of either side
+# What a registry holds: a runner's V, or a worker's RemoteVersion.
+V = TypeVar("V", bound=Served)
 
 
 class Phase(StrEnum):
@@ -55,17 +56,17 @@ class State(StrEnum):
 
 
 @dataclass(frozen=True)
-class VersionStatus:
+class VersionStatus(Generic[V]):
     """One version of one model as this worker sees it."""
 
     model: str
     version: str
     state: State
     error: str = ""
-    served: ModelVersion | None = None
+    served: V | None = None
 
 
-class Models:
+class Models(Generic[V]):
     """Every model this worker knows, by name, each with its versions and version labels."""
 
     def __init__(self, threads: int, on_change: Callable[[], None] | None = None) -> None:
@@ -74,7 +75,7 @@ class Models:
         self.threads = threads
         self._on_change = on_change or (lambda: None)
         self._lock = threading.Lock()
-        self._versions: dict[str, dict[str, VersionStatus]] = {}
+        self._versions: dict[str, dict[str, VersionStatus[V]]] = {}
         self._labels: dict[str, dict[str, str]] = {}
         self._holding: dict[str, int] = {}
         # Why nothing may be found yet (loading, or start-up failed): a lookup that finds
@@ -85,7 +86,7 @@ class Models:
 
     def acquire(
         self, name: str | None = None, version: str | None = None, label: str | None = None
-    ) -> ModelVersion:
+    ) -> V:
         """Lease the version asked for; `release` it once the request is answered.
 
         No name: the only model (an error if there are several). No version and no label:
@@ -106,13 +107,13 @@ class Models:
             served.hold()
         return served
 
-    def release(self, served: ModelVersion) -> None:
+    def release(self, served: V) -> None:
         """End the lease of a request on `served`."""
         with self._lock:
             self._holding[served.info.name] -= 1
         served.release()
 
-    def serving(self, name: str, version: str) -> ModelVersion:
+    def serving(self, name: str, version: str) -> V:
         """Return the version that serves as `name` `version`, retired or not (a request that
         resolved it before its retirement is still answered by it)."""
         with self._lock:
@@ -123,14 +124,12 @@ class Models:
 
     def find(
         self, name: str | None = None, version: str | None = None, label: str | None = None
-    ) -> ModelVersion:
+    ) -> V:
         """Return the version `acquire` would lease, without leasing it."""
         with self._lock:
             return self._find_locked(name, version, label)
 
-    def _find_locked(
-        self, name: str | None, version: str | None, label: str | None
-    ) -> ModelVersion:
+    def _find_locked(self, name: str | None, version: str | None, label: str | None) -> V:
         try:
             return self._lookup_locked(name, version, label)
         except ModelNotFound:
@@ -138,9 +137,7 @@ class Models:
                 raise ModelNotReady(self.unready_reason) from None
             raise
 
-    def _lookup_locked(
-        self, name: str | None, version: str | None, label: str | None
-    ) -> ModelVersion:
+    def _lookup_locked(self, name: str | None, version: str | None, label: str | None) -> V:
         if name is None:
             names = [n for n, versions in self._versions.items() if _available(versions)]
             if len(names) != 1:
@@ -191,7 +188,7 @@ class Models:
             )
         self._on_change()
 
-    def publish(self, served: ModelVersion) -> None:
+    def publish(self, served: V) -> None:
         """Make a loaded, warm version AVAILABLE: from now on lookups can return it."""
         info = served.info
         with self._lock:
@@ -200,7 +197,7 @@ class Models:
             )
         self._on_change()
 
-    def retire(self, model: str, version: str) -> ModelVersion | None:
+    def retire(self, model: str, version: str) -> V | None:
         """Mark a version UNLOADING: no new lookup returns it. Return it, or None if not served."""
         with self._lock:
             status = self._versions.get(model, {}).get(version)
@@ -212,7 +209,7 @@ class Models:
         self._on_change()
         return status.served
 
-    def end(self, served: ModelVersion) -> None:
+    def end(self, served: V) -> None:
         """Mark a retired version END, unless its number has been published again since."""
         info = served.info
         with self._lock:
@@ -251,13 +248,13 @@ class Models:
 
     def replace(
         self,
-        statuses: list[VersionStatus],
+        statuses: list[VersionStatus[V]],
         labels: dict[str, dict[str, str]],
         unready_reason: str | None,
     ) -> None:
         """Serve exactly `statuses` and `labels` from now on, in one step (a worker's view of
         its runners); the leases held go on."""
-        versions: dict[str, dict[str, VersionStatus]] = {}
+        versions: dict[str, dict[str, VersionStatus[V]]] = {}
         for status in statuses:
             versions.setdefault(status.model, {})[status.version] = status
         with self._lock:
@@ -272,7 +269,7 @@ class Models:
         with self._lock:
             return sorted(self._versions)
 
-    def statuses(self, model: str | None = None) -> list[VersionStatus]:
+    def statuses(self, model: str | None = None) -> list[VersionStatus[V]]:
         """Return every version of `model` (of all models if None), by name and version."""
         with self._lock:
             names = [model] if model is not None else sorted(self._versions)
@@ -289,13 +286,13 @@ class Models:
         with self._lock:
             return dict(self._labels.get(model, {}))
 
-    def served(self) -> Iterator[ModelVersion]:
+    def served(self) -> Iterator[V]:
         """Yield every version that serves now (AVAILABLE or UNLOADING), by name and version."""
         for status in self.statuses():
             if status.served is not None:
                 yield status.served
 
-    def available(self) -> list[ModelVersion]:
+    def available(self) -> list[V]:
         """Return every AVAILABLE version, by name and version."""
         return [
             status.served

@@ -28,6 +28,7 @@ from service.frontend.http.base import (
     release_leases,
 )
 from service.frontend.raw_errors import error_document
+from service.frontend.versions import RemoteVersion
 from service.registry import Models
 from service.settings import Settings
 
@@ -65,7 +66,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         client = RunnerClient(server_id, SlotTable.inherited())
     else:
         client = _runner_in_process(app, settings, classifier)
-    models = Models(settings.threads)
+    models: Models[RemoteVersion] = Models(settings.threads)
     catalogue = Catalogue(settings, client, models)
     catalogue.refresh(retry=True)
     catalogue.start()

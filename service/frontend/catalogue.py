@@ -36,7 +36,9 @@ _PRECEDENCE = [State.AVAILABLE, State.LOADING, State.UNLOADING, State.FAILED, St
 class Catalogue:
     """The runners' catalogue, kept in a worker's registry."""
 
-    def __init__(self, settings: Settings, client: RunnerClient, models: Models) -> None:
+    def __init__(
+        self, settings: Settings, client: RunnerClient, models: Models[RemoteVersion]
+    ) -> None:
         """Fill `models` with what the runners behind `client` serve."""
         self.settings = settings
         self.client = client

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 class RunnerCore:
     """Predictions into the batchers of one runner's versions; its catalogue out."""
 
-    def __init__(self, models: Models, manager: ModelManager, slots: SlotTable, index: int):
+    def __init__(
+        self, models: Models[ModelVersion], manager: ModelManager, slots: SlotTable, index: int
+    ):
         """Serve `models`, kept by `manager`, as runner `index` of `slots`."""
         self.models = models
         self.manager = manager

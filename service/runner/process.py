@@ -26,7 +26,7 @@ from service.channel.slots import (
 )
 from service.registry import Models, Phase
 from service.runner.core import RunnerCore
-from service.runner.inference import Classifier
+from service.runner.inference import Classifier, ModelVersion
 from service.runner.reloader import ModelManager
 from service.settings import Settings
 
@@ -49,7 +49,9 @@ class Runner:
         self.settings = settings
         self.slots = slots
         self.index = index
-        self.models = Models(settings.threads, on_change=lambda: slots.changed(index))
+        self.models: Models[ModelVersion] = Models(
+            settings.threads, on_change=lambda: slots.changed(index)
+        )
         self.manager = ModelManager(settings, self.models, classifier, runner=str(index))
         self.core = RunnerCore(self.models, self.manager, slots, index)
         self.server = RunnerServer(runner_address(server_id, index), self.core)

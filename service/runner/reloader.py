@@ -57,7 +57,7 @@ class ModelManager:
     def __init__(
         self,
         settings: Settings,
-        models: Models,
+        models: Models[ModelVersion],
         classifier: Classifier | None = None,
         loader: Loader | None = None,
         runner: str = "0",
@@ -404,7 +404,7 @@ def _freeze_what_is_loaded() -> None:
     gc.freeze()
 
 
-def _newest_number(models: Models, name: str) -> int:
+def _newest_number(models: Models[ModelVersion], name: str) -> int:
     numbers = [
         int(s.version)
         for s in models.statuses(name)
