@@ -45,7 +45,6 @@ class Catalogue:
         self.models = models
         self.phase = Phase.STARTING
         self.failure = ""
-        self._draining = False
         self._seen: bytes | None = None
         self._lock = threading.Lock()
         self._started = threading.Event()
@@ -67,9 +66,8 @@ class Catalogue:
 
     def drain(self) -> bool:
         """Report not-ready from now on, still answering what arrives; False if already so."""
-        if self._draining:
+        if self.phase is Phase.DRAINING:
             return False
-        self._draining = True
         self.phase = Phase.DRAINING
         metrics.READY.set(0)
         log.info("draining: readiness now reports 503")
@@ -210,8 +208,10 @@ class Catalogue:
             row.get("alive") is False for view in views.values() for row in view["versions"]
         )
         self.models.replace(statuses, labels, reason)
+        # Versions no runner knows any more are dropped here too (leases keep their own).
+        self._versions = {key: v for key, v in self._versions.items() if key in merged}
         self.failure = failures[0] if failures else ""
-        if not self._draining:
+        if self.phase is not Phase.DRAINING:  # draining lasts until the worker exits
             self.phase = phase
             metrics.READY.set(1 if self.ready else 0)
         self._count_versions(statuses)
