@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", help="address to bind [HOST, default 0.0.0.0]")
     parser.add_argument("--port", type=int, help="port to bind [PORT, default 8080]")
+    parser.add_argument(
+        "--grpc-port", type=int, help="gRPC port to bind, 0 for none [GRPC_PORT, default 8081]"
+    )
     parser.add_argument("--workers", type=int, help="worker processes [WORKERS, default: cores]")
     parser.add_argument("--threads", type=int, help="threads per worker [THREADS, default 16]")
     parser.add_argument(
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             model_repository=args.model_repository,
             host=args.host,
             port=args.port,
+            grpc_port=args.grpc_port,
             workers=args.workers,
             threads=args.threads,
         )

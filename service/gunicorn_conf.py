@@ -83,20 +83,29 @@ logger_class = "service.logs.GunicornLogger"
 
 def on_starting(server) -> None:  # type: ignore[no-untyped-def]
     """Tell the workers to come where the runners are; make SIGHUP a model rescan in every
-    runner rather than gunicorn's restart of the workers."""
+    runner rather than gunicorn's restart of the workers; on SIGTERM, have the gRPC front end
+    drain beside the workers."""
 
     def rescan_models() -> None:
         server.log.info("SIGHUP: every runner rescans its models now")
-        _runners.signal_all(signal.SIGHUP)
+        _runners.signal_runners(signal.SIGHUP)
+
+    stop_gracefully = server.handle_term
+
+    def drain_everywhere() -> None:
+        _runners.drain_frontends()
+        stop_gracefully()
 
     server.handle_hup = rescan_models
+    server.handle_term = drain_everywhere
     # Every worker forked from here on finds the runners through these.
     os.environ.update(_runners.environment())
 
 
 def on_exit(server: object) -> None:
-    """Once the workers have stopped (each drained, then answered everything it accepted,
-    through the runners), stop the runners."""
+    """Once the workers and the gRPC front end have stopped (each drained, then answered
+    everything it accepted, through the runners), stop the runners."""
+    _runners.stop_frontends(timeout=_settings.graceful_timeout_s)
     _runners.stop(timeout=GRACEFUL_MARGIN_S)
 
 

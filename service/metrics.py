@@ -56,10 +56,14 @@ METRIC_WRITE_FAILURES = Counter(
 MODEL_LABELS = ["model", "version"]
 RUNNER_LABELS = [*MODEL_LABELS, "runner"]
 
+# The front end a request came through: HTTP (every REST protocol) or gRPC.
+HTTP, GRPC = "http", "grpc"
+
 REQUEST_LATENCY = Histogram(
     "cnn_http_request_duration_seconds",
-    "Time from request arrival to response, by endpoint and HTTP status.",
-    ["endpoint", "status"],
+    "Time from request arrival to response, by protocol (http or grpc), endpoint (a route or "
+    "a gRPC method) and status (an HTTP status or a gRPC code).",
+    ["protocol", "endpoint", "status"],
     buckets=LATENCY_BUCKETS,
 )
 MODEL_REQUEST_LATENCY = Histogram(
@@ -95,7 +99,9 @@ BATCH_SIZE = Histogram(
 IMAGES_PREDICTED = Counter(
     "cnn_images_predicted_total", "Images run through the model.", RUNNER_LABELS
 )
-ERRORS = Counter("cnn_errors_total", "Error responses, by error code.", ["code"])
+ERRORS = Counter(
+    "cnn_errors_total", "Error responses, by error code and protocol.", ["code", "protocol"]
+)
 REQUEST_ARRIVAL = Histogram(
     "cnn_http_request_arrival_seconds",
     "Time from a request's first byte to its last, read by the worker's event loop.",

@@ -47,6 +47,9 @@ class Settings:
     port: int = 8080
     # Port of a separate /metrics listener (on HOST); 0: /metrics is served on PORT.
     metrics_port: int = 0
+    # Port of the gRPC front end (the Open Inference Protocol's GRPCInferenceService and
+    # grpc.health.v1, on HOST); 0: no gRPC.
+    grpc_port: int = 8081
     # Gunicorn worker processes: they read requests and decode images, and hold no model;
     # 0: one per CPU core this process may use (its affinity and cgroup quota).
     workers: int = 0
@@ -113,6 +116,13 @@ class Settings:
             raise SettingsError(f"PORT must be in 1..65535, got {self.port}")
         if not 0 <= self.metrics_port < 65536 or self.metrics_port == self.port:
             raise SettingsError(f"METRICS_PORT must be 0 or a port other than PORT ({self.port})")
+        if not 0 <= self.grpc_port < 65536 or (
+            self.grpc_port and self.grpc_port in (self.port, self.metrics_port)
+        ):
+            raise SettingsError(
+                "GRPC_PORT must be 0 or a port other than PORT and METRICS_PORT "
+                f"({self.port}, {self.metrics_port})"
+            )
         if self.max_images_per_request > self.max_queue:
             raise SettingsError("MAX_IMAGES_PER_REQUEST must not exceed MAX_QUEUE")
         if self.model_dir and self.model_repository:

@@ -189,6 +189,8 @@ def start_server(model: Path, log_dir: Path, ready_timeout: float = 90, **env: s
         **os.environ,
         "HOST": "127.0.0.1",
         "PORT": str(port),
+        # No gRPC front end unless a test asks for one (on a port of its own).
+        "GRPC_PORT": "0",
         "MODEL_DIR": str(model),
         "WORKERS": "1",
         "THREADS": "16",

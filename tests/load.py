@@ -79,21 +79,27 @@ def children(master_pid: int) -> list[int]:
     return sorted(found)
 
 
-def _is_runner(pid: int) -> bool:
+def _runs(pid: int, module: bytes) -> bool:
     try:
-        return b"service.runner" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"\0-m\0" + module + b"\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
 
 def worker_pids(master_pid: int) -> list[int]:
-    """Return the PIDs of the gunicorn workers (the master's children that are no runner)."""
-    return [pid for pid in children(master_pid) if not _is_runner(pid)]
+    """Return the PIDs of the gunicorn workers (the master's forked children)."""
+    spawned = (b"service.runner", b"service.frontend.grpc")
+    return [p for p in children(master_pid) if not any(_runs(p, m) for m in spawned)]
 
 
 def runner_pids(master_pid: int) -> list[int]:
     """Return the PIDs of the runners (`python -m service.runner`, the master's children)."""
-    return [pid for pid in children(master_pid) if _is_runner(pid)]
+    return [pid for pid in children(master_pid) if _runs(pid, b"service.runner")]
+
+
+def grpc_pids(master_pid: int) -> list[int]:
+    """Return the PID of the gRPC front end (`python -m service.frontend.grpc`), if it runs."""
+    return [pid for pid in children(master_pid) if _runs(pid, b"service.frontend.grpc")]
 
 
 def proc_status(pid: int, field: str) -> int:

@@ -17,9 +17,9 @@ from service.frontend.app import create_app
 from tests.conftest import MODEL_LABELS, RUNNER_LABELS, distinct_images, image_bytes
 from tests.fault_app import WrappedClassifier
 
-PREDICT_OK = {"endpoint": "/predict", "status": "200"}
-PREDICT_BAD = {"endpoint": "/predict", "status": "400"}
-INVALID_IMAGE = {"code": "invalid_image"}
+PREDICT_OK = {"protocol": "http", "endpoint": "/predict", "status": "200"}
+PREDICT_BAD = {"protocol": "http", "endpoint": "/predict", "status": "400"}
+INVALID_IMAGE = {"code": "invalid_image", "protocol": "http"}
 
 
 @pytest.fixture(autouse=True)
@@ -118,7 +118,7 @@ def test_a_failed_forward_pass_counts_one_error_no_prediction_and_empties_the_qu
     # The images are preprocessed and queued, then their batch fails.
     app = create_app(settings, BrokenForwardPass(classifier))
     watched = (
-        ("cnn_errors_total", {"code": "inference_failed"}),
+        ("cnn_errors_total", {"code": "inference_failed", "protocol": "http"}),
         ("cnn_images_predicted_total", RUNNER_LABELS),
         ("cnn_batch_queue_depth", RUNNER_LABELS),
     )

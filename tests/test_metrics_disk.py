@@ -307,7 +307,10 @@ def test_a_full_metrics_folder_costs_metrics_not_requests(
     text = scrape(metrics_url)
     # The first worker's count was in its file; the replacement's was kept, then written.
     assert metric(text, "cnn_images_predicted_total", **RUNNER_LABELS) == predicted
-    assert metric(text, "cnn_errors_total", code="unsupported_media_type") == unsupported
+    assert (
+        metric(text, "cnn_errors_total", code="unsupported_media_type", protocol="http")
+        == unsupported
+    )
     assert worker_pids(server.process.pid) == [replacement]
     assert boots(server) == 2
     assert "SIGBUS" not in server.log()

@@ -233,7 +233,7 @@ def test_each_slow_client_is_cut_off_at_its_deadline_with_a_json_408(short_deadl
         # within a few poll turns of it.
         assert min(attack.held_s) >= 2.0
         assert max(attack.held_s) < 2.0 + 20
-    errors = metric(scrape(url), "cnn_errors_total", code="request_timeout")
+    errors = metric(scrape(url), "cnn_errors_total", code="request_timeout", protocol="http")
     assert errors >= 60
 
 

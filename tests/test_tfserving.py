@@ -281,7 +281,7 @@ def test_request_metrics_name_the_tf_serving_route(client, monkeypatch, path, me
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)  # the in-process registry
     from prometheus_client import REGISTRY
 
-    labels = {"endpoint": endpoint, "status": "200"}
+    labels = {"protocol": "http", "endpoint": endpoint, "status": "200"}
     name = "cnn_http_request_duration_seconds_count"
     before = REGISTRY.get_sample_value(name, labels) or 0.0
     body = {"instances": [b64(distinct_images(1)[0])]}

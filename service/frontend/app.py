@@ -170,7 +170,8 @@ def _end_request(response: Response) -> Response:
     started = g.get("started")
     if started is not None:
         elapsed = time.perf_counter() - started
-        metrics.REQUEST_LATENCY.labels(rule, str(response.status_code)).observe(elapsed)
+        status = str(response.status_code)
+        metrics.REQUEST_LATENCY.labels(metrics.HTTP, rule, status).observe(elapsed)
         for served in g.get("leases", ()):
             served.metrics.request.observe(elapsed)
     return response

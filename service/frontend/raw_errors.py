@@ -25,7 +25,7 @@ def write_server_error(sock: socket.socket, status: int, reason: str, message: s
     """Write an error gunicorn answers itself (a bad request line or header, found before
     the app runs), in the service's JSON shape rather than gunicorn's HTML page."""
     code = error_code(reason)
-    metrics.ERRORS.labels(code).inc()
+    metrics.ERRORS.labels(code, metrics.HTTP).inc()
     sock.settimeout(1.0)  # a few hundred bytes: a client that reads none is not waited for
     sock.sendall(error_bytes(status, reason, code, message or reason))
 

@@ -421,7 +421,7 @@ class ArrivalWorker(ThreadWorker):
         from service.frontend.raw_errors import error_bytes, error_code
 
         code = error_code(reason)
-        self.metrics.ERRORS.labels(code).inc()
+        self.metrics.ERRORS.labels(code, self.metrics.HTTP).inc()
         self._send_quietly(conn, error_bytes(status, reason, code, message))
         # Close as gunicorn does (RFC 9112 9.6), but without blocking the loop: send FIN, and
         # read what the client still sends for a moment, since closing with unread bytes

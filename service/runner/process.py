@@ -19,7 +19,6 @@ from service.channel.client import runner_address
 from service.channel.server import RunnerServer
 from service.channel.slots import (
     FIRST_START_ENV,
-    PARENT_FD_ENV,
     RUNNER_INDEX_ENV,
     SERVER_ENV,
     SlotTable,
@@ -29,6 +28,7 @@ from service.runner.core import RunnerCore
 from service.runner.inference import Classifier, ModelVersion
 from service.runner.reloader import ModelManager
 from service.settings import Settings
+from service.supervisor import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def main() -> int:
     quiet = logs.QuietStart() if os.environ.get(FIRST_START_ENV) else None
     index = int(os.environ[RUNNER_INDEX_ENV])
     slots = SlotTable.inherited()
-    _exit_with_parent(int(os.environ[PARENT_FD_ENV]))
+    exit_with_parent()
     runner = Runner(settings, slots, index, os.environ[SERVER_ENV])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
@@ -127,17 +127,6 @@ def main() -> int:
     log.info("runner %d: SIGTERM, stopping", index, extra={"runner": index})
     runner.close(timeout=1.0)
     return 0
-
-
-def _exit_with_parent(fd: int) -> None:
-    """End this process when the master ends, even by SIGKILL: `fd` reads EOF then."""
-
-    def watch() -> None:
-        while os.read(fd, 1):
-            pass
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import hmac
 import logging
 from collections.abc import Callable
 
-import numpy as np
 import orjson
 from flask import Blueprint, Flask, Request, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -53,18 +52,6 @@ def message_only(code: str, message: str) -> dict[str, str]:
     return {"error": message}
 
 
-def check_image_count(count: int, limit: int) -> None:
-    """Refuse a request carrying more images than `limit` (413)."""
-    if count > limit:
-        raise PayloadTooLarge(f"{count} images in one request; the limit is {limit}")
-
-
-def ranked(probabilities: np.ndarray | list[float], k: int | None = None) -> np.ndarray:
-    """Return each row's class indices, the most probable first (ties in class order), the
-    first `k` of them if given."""
-    return np.argsort(-np.asarray(probabilities), axis=-1, kind="stable")[..., :k]
-
-
 def answer_errors(target: Flask | Blueprint, body: ErrorBody) -> None:
     """Answer every error raised under `target` in one protocol's shape, `body`.
 
@@ -74,7 +61,7 @@ def answer_errors(target: Flask | Blueprint, body: ErrorBody) -> None:
     """
 
     def answer(status: int, code: str, message: str) -> Response:
-        metrics.ERRORS.labels(code).inc()
+        metrics.ERRORS.labels(code, metrics.HTTP).inc()
         extra = {"request_id": g.get("request_id"), "status": status, "code": code}
         log.log(
             logging.ERROR if status >= 500 else logging.INFO,
@@ -107,7 +94,7 @@ def answer_errors(target: Flask | Blueprint, body: ErrorBody) -> None:
     def unexpected_error(error: Exception) -> Response:
         # Logged once, with the traceback; the client gets only the request id.
         log.exception("unhandled error", extra={"request_id": g.get("request_id")})
-        metrics.ERRORS.labels("internal").inc()
+        metrics.ERRORS.labels("internal", metrics.HTTP).inc()
         message = f"internal error (request id {g.get('request_id', '-')})"
         return json_response(body("internal", message), 500)
 

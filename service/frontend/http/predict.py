@@ -12,13 +12,12 @@ from service.errors import InvalidRequest, UnsupportedMediaType
 from service.frontend.http.base import (
     authorize,
     b64_upload,
-    check_image_count,
     json_response,
     lease,
     number_parameter,
-    ranked,
     read_body,
 )
+from service.frontend.protocol_rules import check_image_count, ranked
 from service.frontend.versions import RemoteVersion, Upload
 from service.settings import Settings
 

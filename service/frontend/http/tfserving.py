@@ -17,13 +17,12 @@ from service.errors import InvalidRequest
 from service.frontend.http.base import (
     authorize,
     b64_upload,
-    check_image_count,
     json_response,
     lease,
     message_only,
-    ranked,
     read_body,
 )
+from service.frontend.protocol_rules import check_image_count, ranked
 from service.frontend.versions import RemoteVersion
 from service.registry import Models, Phase, State
 from service.settings import Settings

@@ -6,52 +6,23 @@ Pure translation between bodies and numpy arrays; no Flask and no model here.
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
 from service.errors import InvalidRequest
-
-# The data types the service takes; BYTES elements are Python bytes, the rest little-endian.
-DATATYPES: dict[str, np.dtype | None] = {
-    "BYTES": None,
-    "UINT8": np.dtype("<u1"),
-    "FP32": np.dtype("<f4"),
-}
-_LENGTH = struct.Struct("<I")
-
-
-@dataclass(frozen=True)
-class InputTensor:
-    """One input of a request: BYTES as a flat list of bytes, numbers as a shaped array."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    value: np.ndarray | list[bytes]
-
-
-@dataclass(frozen=True)
-class RequestedOutput:
-    """One output a request asks for: by name, in binary or JSON, maybe as top-k classes."""
-
-    name: str
-    binary: bool
-    classification: int
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    """One output of a response: BYTES as a flat list of bytes, FP32 as an array."""
-
-    name: str
-    datatype: str
-    shape: list[int]
-    value: np.ndarray | list[bytes]
+from service.frontend.open_inference import (
+    DATATYPES,
+    InputTensor,
+    OutputTensor,
+    RequestedOutput,
+    check_classification,
+    check_datatype,
+    from_raw,
+    to_raw,
+)
 
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[dict, list[InputTensor]]:
@@ -99,9 +70,7 @@ def requested_outputs(document: dict, default_name: str) -> list[RequestedOutput
         if not isinstance(output, dict) or not isinstance(output.get("name"), str):
             raise InvalidRequest(f'outputs[{i}] must be an object with a "name"')
         options = parameters(output, f"output {output['name']!r}")
-        count = options.get("classification", 0)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise InvalidRequest(f"classification must be a positive integer, got {count!r}")
+        count = check_classification(options.get("classification", 0))
         outputs.append(
             RequestedOutput(output["name"], _flag(options, "binary_data", binary_default), count)
         )
@@ -126,7 +95,7 @@ def encode_response(document: dict, outputs: Sequence[OutputTensor], binary: Seq
             "shape": tensor.shape,
         }
         if in_binary:
-            blob = _to_binary(tensor)
+            blob = to_raw(tensor)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif isinstance(tensor.value, list):
@@ -140,36 +109,11 @@ def encode_response(document: dict, outputs: Sequence[OutputTensor], binary: Seq
     return header + b"".join(blobs), len(header)
 
 
-def serialize_bytes(elements: Iterable[bytes]) -> bytes:
-    """Return BYTES elements as the binary extension lays them out: length-prefixed."""
-    return b"".join(_LENGTH.pack(len(element)) + element for element in elements)
-
-
-def deserialize_bytes(buffer: memoryview | bytes) -> list[bytes]:
-    """Return the elements of a binary BYTES tensor (each a 4-byte little-endian length)."""
-    elements, offset = [], 0
-    while offset < len(buffer):
-        if offset + _LENGTH.size > len(buffer):
-            raise InvalidRequest("a BYTES element's 4-byte length prefix is cut short")
-        (length,) = _LENGTH.unpack_from(buffer, offset)
-        offset += _LENGTH.size
-        if offset + length > len(buffer):
-            raise InvalidRequest(
-                f"a BYTES element claims {length} bytes; {len(buffer) - offset} are left"
-            )
-        elements.append(bytes(buffer[offset : offset + length]))
-        offset += length
-    return elements
-
-
 def _input_tensor(spec: object, index: int, binary: memoryview) -> tuple[InputTensor, int]:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise InvalidRequest(f'inputs[{index}] must be an object with a "name"')
     name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
-    if datatype not in DATATYPES:
-        raise InvalidRequest(
-            f"input {name!r}: datatype {datatype!r} is not supported; use {', '.join(DATATYPES)}"
-        )
+    datatype = check_datatype(name, datatype)
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
@@ -182,7 +126,7 @@ def _input_tensor(spec: object, index: int, binary: memoryview) -> tuple[InputTe
                 f"input {name!r}: binary_data_size {size!r} is more than the "
                 f"{len(binary)} bytes of binary data left"
             )
-        value = _from_binary(binary[:size], datatype, count, name)
+        value = from_raw(binary[:size], datatype, count, name)
     elif "data" in spec:
         value, size = _from_json(spec["data"], datatype, count, name), 0
     else:
@@ -190,21 +134,6 @@ def _input_tensor(spec: object, index: int, binary: memoryview) -> tuple[InputTe
     if isinstance(value, np.ndarray):
         value = value.reshape(shape)
     return InputTensor(name, datatype, tuple(shape), value), size
-
-
-def _from_binary(chunk: memoryview, datatype: str, count: int, name: str):
-    dtype = DATATYPES[datatype]
-    if dtype is None:
-        elements = deserialize_bytes(chunk)
-        if len(elements) != count:
-            raise InvalidRequest(f"input {name!r}: {len(elements)} BYTES elements for {count}")
-        return elements
-    if len(chunk) != count * dtype.itemsize:
-        raise InvalidRequest(
-            f"input {name!r}: {len(chunk)} bytes of binary data; {count} {datatype} "
-            f"elements take {count * dtype.itemsize}"
-        )
-    return np.frombuffer(chunk, dtype).astype(dtype.newbyteorder("="))
 
 
 def _from_json(data: object, datatype: str, count: int, name: str):
@@ -243,9 +172,3 @@ def _flag(options: dict[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise InvalidRequest(f"{key} must be true or false, got {value!r}")
     return value
-
-
-def _to_binary(tensor: OutputTensor) -> bytes:
-    if isinstance(tensor.value, list):
-        return serialize_bytes(tensor.value)
-    return np.ascontiguousarray(tensor.value, dtype="<f4").tobytes()

@@ -1,0 +1,182 @@
+"""What every RPC shares: its deadline, token and request id, its metrics and log line, and
+the one place where typed errors become gRPC status codes.
+
+Each method is registered with raw bytes in and out, so that a message that is not valid
+protobuf is this code's INVALID_ARGUMENT, not grpcio's INTERNAL; bad input never ends as
+UNKNOWN or INTERNAL.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from service import metrics
+from service.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidImage,
+    InvalidRequest,
+    MalformedBody,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+
+log = logging.getLogger(__name__)
+
+# Each typed error's gRPC status. An over-limit message is RESOURCE_EXHAUSTED, as grpcio
+# answers one over the maximum message size itself; a refusal to take work now is
+# UNAVAILABLE, the code clients retry, with its pushback in the trailers.
+STATUS: dict[type[ServiceError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidImage: grpc.StatusCode.INVALID_ARGUMENT,
+    MalformedBody: grpc.StatusCode.INVALID_ARGUMENT,
+    UnsupportedMediaType: grpc.StatusCode.INVALID_ARGUMENT,
+    PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.UNAVAILABLE,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    InferenceFailed: grpc.StatusCode.INTERNAL,
+}
+# gRPC's retry pushback (the retry design, A6), and the HTTP header's twin for people.
+PUSHBACK = "grpc-retry-pushback-ms"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count()
+
+
+@dataclass(frozen=True)
+class Call:
+    """One RPC as a method sees it: when it must be answered by, and its id for the logs."""
+
+    deadline: float
+    request_id: str
+    started: float
+
+
+def status_of(error: ServiceError) -> grpc.StatusCode:
+    """Return the gRPC status of a typed error (INTERNAL only for the server's own faults)."""
+    for kind in type(error).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]
+    return grpc.StatusCode.INTERNAL
+
+
+def trailers(error: ServiceError) -> list[tuple[str, str]]:
+    """Return the trailing metadata an error's answer carries: when to retry, if it says."""
+    retry_after = error.headers().get("Retry-After")
+    if retry_after is None:
+        return []
+    return [(PUSHBACK, str(int(float(retry_after) * 1000))), ("retry-after", retry_after)]
+
+
+class Methods:
+    """Builds the handlers of one service's unary methods around their shared rules."""
+
+    def __init__(self, service: str, token: str, timeout_s: float) -> None:
+        """Serve methods of `service` (its full name), asking for `token` where told to,
+        capping each client's deadline at `timeout_s`."""
+        self.service = service
+        self.token = token
+        self.timeout_s = timeout_s
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def unary(
+        self,
+        name: str,
+        request_type: type[Message],
+        method: Callable[[Any, Call], Message],
+        authorized: bool = False,
+        before: Callable[[], None] | None = None,
+    ) -> None:
+        """Register `method` as the RPC `name`: parsed, authorized if told, timed, counted,
+        its errors answered with their status; `before` runs first (a catalogue refresh)."""
+        endpoint = f"/{self.service}/{name}"
+
+        def handle(raw: bytes, context: grpc.ServicerContext) -> bytes:
+            started = time.perf_counter()
+            arrived = time.monotonic()
+            request_id = _request_id(context)
+            code = grpc.StatusCode.OK
+            context.set_trailing_metadata([("x-request-id", request_id)])
+            try:
+                if before is not None:
+                    before()
+                try:
+                    request = request_type.FromString(raw)
+                except DecodeError:
+                    raise InvalidRequest(
+                        f"the request is not a valid {request_type.DESCRIPTOR.full_name} message"
+                    ) from None
+                if authorized:
+                    self._authorize(context)
+                remaining = context.time_remaining()
+                timeout_s = self.timeout_s if remaining is None else min(remaining, self.timeout_s)
+                call = Call(arrived + max(0.0, timeout_s), request_id, started)
+                return method(request, call).SerializeToString()
+            except ServiceError as error:
+                code = status_of(error)
+                _count_error(error.code, error.message, code, endpoint, request_id)
+                context.set_trailing_metadata([("x-request-id", request_id), *trailers(error)])
+                context.abort(code, error.message)
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error", extra={"request_id": request_id})
+                metrics.ERRORS.labels("internal", metrics.GRPC).inc()
+                context.abort(code, f"internal error (request id {request_id})")
+            finally:
+                metrics.REQUEST_LATENCY.labels(metrics.GRPC, endpoint, code.name).observe(
+                    time.perf_counter() - started
+                )
+            raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+        self.handlers[name] = grpc.unary_unary_rpc_method_handler(handle)
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """Return the handler that serves every method registered."""
+        return grpc.method_handlers_generic_handler(self.service, self.handlers)
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        if not self.token:
+            return
+        supplied = dict(context.invocation_metadata()).get("authorization", "")
+        scheme, _, value = str(supplied).partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), self.token.encode()
+        ):
+            raise Unauthorized("a valid 'authorization: Bearer <token>' metadata is required")
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    supplied = str(dict(context.invocation_metadata()).get("x-request-id", ""))
+    if _REQUEST_ID.match(supplied):
+        return supplied
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+def _count_error(
+    code: str, message: str, status: grpc.StatusCode, endpoint: str, request_id: str
+) -> None:
+    metrics.ERRORS.labels(code, metrics.GRPC).inc()
+    level = logging.ERROR if status is grpc.StatusCode.INTERNAL else logging.INFO
+    extra = {"request_id": request_id, "status": status.name, "code": code, "path": endpoint}
+    log.log(level, message, extra=extra)
