@@ -161,10 +161,25 @@ def test_config_map_holds_valid_service_settings(settings: dict[str, str]) -> No
     Settings.from_env(settings)
 
 
-def test_container_port_is_the_port_setting(objects, container, settings) -> None:
-    assert container["ports"] == [{"name": "http", "containerPort": int(settings["PORT"])}]
+def test_container_ports_are_the_port_settings(objects, container, settings) -> None:
+    served = Settings.from_env(settings)
+    assert served.grpc_port, "GRPC_PORT=0 turns gRPC off"
+    assert container["ports"] == [
+        {"name": "http", "containerPort": served.port},
+        {"name": "grpc", "containerPort": served.grpc_port},
+    ]
     (source,) = container["envFrom"]
     assert source["configMapRef"]["name"] == objects["ConfigMap"]["metadata"]["name"]
+
+
+def test_service_ports_reach_http_and_grpc_by_protocol(objects, container, settings) -> None:
+    served = Settings.from_env(settings)
+    ports = {port["appProtocol"]: port for port in objects["Service"]["spec"]["ports"]}
+    assert set(ports) == {"http", "grpc"}
+    assert port_number(container, ports["http"]["targetPort"]) == served.port
+    assert port_number(container, ports["grpc"]["targetPort"]) == served.grpc_port
+    # Istio and older meshes read the protocol from the port's name.
+    assert ports["grpc"]["name"] == "grpc"
 
 
 def test_probes_ask_readyz_and_healthz_on_the_container_port(container, settings) -> None:
