@@ -1,4 +1,4 @@
-# Image of the CNN classifier service: `cnn-serve` (gunicorn) on port 8080.
+# Image of the CNN classifier service: `cnn-serve` (gunicorn) on port 8080, gRPC on 8081.
 #
 # CPU image (the default; TensorFlow from the `cpu` extra, i.e. tensorflow-cpu):
 #   docker build -t cnn-serving:cpu .
@@ -81,7 +81,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MODEL_DIR=/models \
     PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
 USER 10001:10001
-EXPOSE 8080
+EXPOSE 8080 8081
 # /healthz answers while the model still loads; the start period covers TensorFlow's import.
 # (Map another host port with -p rather than changing PORT, or this probes the wrong one.)
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \

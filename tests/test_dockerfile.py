@@ -124,7 +124,7 @@ def test_healthcheck_curls_healthz_on_the_exposed_port(stages) -> None:
     (check,) = find(runtime, "HEALTHCHECK")
     command = json.loads(check.args.removeprefix("CMD").strip())
     assert command == ["curl", "-fsS", "http://localhost:8080/healthz"]
-    assert [i.args for i in find(runtime, "EXPOSE")] == ["8080"]
+    assert [i.args for i in find(runtime, "EXPOSE")] == ["8080 8081"]
     installs = " ".join(i.args for i in find(runtime, "RUN"))
     assert re.search(r"apt-get install [^&]*\bcurl\b", installs), "curl is not installed"
 
