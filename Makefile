@@ -36,10 +36,13 @@ run: demo-model
 	@echo "  curl -s http://localhost:$(PORT)/metrics | grep cnn_"
 	$(BIN)/cnn-serve --model-dir $(DEMO_MODEL) --port $(PORT)
 
-# Load benchmark (issue-free loopback only): needs wrk (apt-get install wrk).
+# Load benchmark (issue-free loopback only): needs wrk and h2load (apt-get install wrk
+# nghttp2-client); bench/peer.py makes its own venv for BentoML (a network install, once).
 bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/split.py
+	$(BIN)/python bench/grpc_vs_rest.py
+	$(BIN)/python bench/peer.py
 
 # Known-vulnerability audit of the installed dependencies; needs the PyPI JSON API or OSV,
 # which the development and CI machines cannot reach.

@@ -266,6 +266,7 @@ def start_service(model_dir: Path, port: int, folder: Path, env: dict[str, str])
         **os.environ,
         "HOST": "127.0.0.1",
         "PORT": str(port),
+        "GRPC_PORT": "0",  # no gRPC front end unless `env` asks for one
         "MODEL_DIR": str(model_dir),
         "PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics"),
         "LOG_LEVEL": "WARNING",

@@ -63,6 +63,7 @@ def start(root: Path, model_dir: Path, folder: Path, env: dict[str, str]) -> tup
         **os.environ,
         "HOST": "127.0.0.1",
         "PORT": str(port),
+        "GRPC_PORT": "0",  # no gRPC front end unless `env` asks for one
         "MODEL_DIR": str(model_dir),
         "PROMETHEUS_MULTIPROC_DIR": str(metrics),
         "LOG_LEVEL": "WARNING",
