@@ -22,6 +22,7 @@ from tests.conftest import (
     make_cnn,
     write_model,
 )
+from tests.load import samples
 
 
 def assert_error(response, status: int, code: str) -> dict:
@@ -319,6 +320,9 @@ def test_request_id_is_echoed_or_made(client):
 
 
 def test_metrics_exposition_counts_predictions(client):
+    labels = {"protocol": "http", "endpoint": "/predict", "status": "200"}
+    latency = "cnn_http_request_duration_seconds_count"
+    before = sum(samples(client.get("/metrics").get_data(as_text=True), latency, **labels))
     client.post("/predict", data=image_bytes(), content_type="image/png")
     text = client.get("/metrics").get_data(as_text=True)
     for name in (
@@ -333,4 +337,4 @@ def test_metrics_exposition_counts_predictions(client):
         'version="2"} 1.0',
     ):
         assert name in text
-    assert 'endpoint="/predict",status="200"' in text
+    assert sum(samples(text, latency, **labels)) == before + 1
