@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="cnn-handoff-"))
 
 from bench.run import write_reference_model
-from service import metrics, runtime
+from service import metrics
+from service.runner import runtime
 from service.runner.batching import Batcher
 
 CALLS = 2000
@@ -53,7 +54,6 @@ def main() -> None:
         max_batch_size=classifier.max_batch_size,
         max_delay_s=0.005,
         max_queue=1024,
-        running_grace_s=1.0,
         model_metrics=metrics.for_model("bench", "1", classifier.info.labels),
         warm_up=classifier.warm_up,
     )
@@ -67,7 +67,8 @@ def main() -> None:
             busy(gap_s)
             started = time.perf_counter()
             with batcher.arrival() as arrival:
-                arrival.predict([image], time.monotonic() + 10)
+                [future] = batcher.submit([image], time.monotonic() + 10, arrival)
+                future.result()
             totals.append(time.perf_counter() - started)
         pairs = list(zip(totals, forwards, strict=True))[WARM:]
         print(

@@ -14,8 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import CancelledError, Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -50,14 +49,12 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float,
         max_queue: int,
-        running_grace_s: float,
         model_metrics: ModelMetrics,
         warm_up: Callable[[], None] | None = None,
         on_death: Callable[[], None] | None = None,
     ) -> None:
-        """Batch for `predict_batch`, recording into `model_metrics`; a request whose deadline
-        passes while its batch runs waits up to `running_grace_s` more for its answer.
-        `on_death` is called when the inference thread dies, before its batch is failed."""
+        """Batch for `predict_batch`, recording into `model_metrics`. `on_death` is called
+        when the inference thread dies, before its batch is failed."""
         self._predict_batch = predict_batch
         self.metrics = model_metrics
         self._warm_up = warm_up
@@ -67,7 +64,6 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
-        self.running_grace_s = running_grace_s
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._arriving = 0
@@ -130,17 +126,6 @@ class Batcher:
         with self._cond:
             return self._estimate_locked(len(self._queue))
 
-    def predict(
-        self, inputs: Sequence[np.ndarray], deadline: float, arrival: Arrival | None = None
-    ) -> list[np.ndarray]:
-        """Run the inputs through the model in order; raise a ServiceError on failure."""
-        futures = self.submit(inputs, deadline, arrival)
-        try:
-            return [self._result(future, deadline) for future in futures]
-        finally:
-            for future in futures:
-                future.cancel()
-
     def submit(
         self, inputs: Sequence[np.ndarray], deadline: float, arrival: Arrival | None = None
     ) -> list[Future]:
@@ -169,20 +154,6 @@ class Batcher:
             self.metrics.queue_depth.inc(len(items))
             self._cond.notify_all()
         return [item.future for item in items]
-
-    def _result(self, future: Future, deadline: float) -> np.ndarray:
-        try:
-            return future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except FutureTimeout:
-            if future.cancel():
-                raise DeadlineExceeded("the request timed out waiting in the batch queue") from None
-        except CancelledError:
-            raise DeadlineExceeded("the request was cancelled") from None
-        try:
-            # Its batch is already running: the answer is moments away.
-            return future.result(timeout=self.running_grace_s)
-        except FutureTimeout:
-            raise DeadlineExceeded("the forward pass did not finish in time") from None
 
     def _estimate_locked(self, queued: int) -> float:
         return math.ceil(queued / self.max_batch_size) * self._batch_seconds
@@ -283,10 +254,6 @@ class Arrival:
     def __init__(self, batcher: Batcher) -> None:
         self._batcher = batcher
         self._arrived = False
-
-    def predict(self, inputs: Sequence[np.ndarray], deadline: float) -> list[np.ndarray]:
-        """Enqueue the inputs (no longer awaited from then on) and return their outputs."""
-        return self._batcher.predict(inputs, deadline, self)
 
     def leave(self) -> None:
         """Stop counting as on its way (idempotent)."""

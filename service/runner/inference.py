@@ -61,7 +61,6 @@ class ModelVersion:
             max_batch_size=classifier.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue=settings.max_queue,
-            running_grace_s=settings.running_batch_grace_s,
             model_metrics=self.metrics,
             warm_up=classifier.warm_up,
             on_death=on_death,
