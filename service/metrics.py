@@ -164,10 +164,18 @@ RUNNER_RESTARTS = Counter(
     "Runners started again after theirs ended (killed, out of memory, failed), by runner.",
     ["runner"],
 )
+# The class label of the answers whose class has no series of its own (see ClassCounts).
+OTHER_CLASSES = "other"
 PREDICTED_CLASS = Counter(
     "cnn_predicted_class_total",
-    "Images answered, by the class the model ranked first: a shift after a rollout is drift.",
+    "Images answered, by the class the model ranked first (the most frequent classes, the "
+    'rest as class="other"): a shift after a rollout is drift.',
     [*MODEL_LABELS, "class"],
+)
+LOW_CONFIDENCE = Counter(
+    "cnn_low_confidence_total",
+    "Images answered with a top-class probability below LOW_CONFIDENCE.",
+    MODEL_LABELS,
 )
 TOP1_PROBABILITY = Histogram(
     "cnn_top1_probability",
@@ -175,6 +183,53 @@ TOP1_PROBABILITY = Histogram(
     MODEL_LABELS,
     buckets=PROBABILITY_BUCKETS,
 )
+
+
+class ClassCounts:
+    """cnn_predicted_class_total of one version in one runner, with at most `limit` series
+    of their own (and "other").
+
+    Every class is counted here; a class gets a series of its own, from then on, once it is
+    among the `limit` most frequent so far while there is room. A model with `limit` classes
+    or fewer has one per class; a 1,000-class model has the `limit` that were most frequent as
+    the room filled, then "other" for the rest. The series always sum to every answer.
+    """
+
+    def __init__(self, name: str, version: str, classes: Sequence[str], limit: int) -> None:
+        """Count the answers of model `name` `version` among `classes`."""
+        self.labels = (name, version)
+        self.classes = tuple(classes)
+        self.limit = limit
+        self.counts = np.zeros(len(self.classes), dtype=np.int64)
+        self.series: dict[int, Counter] = {}
+        if len(self.classes) <= limit:
+            self.series = {
+                i: PREDICTED_CLASS.labels(name, version, c) for i, c in enumerate(classes)
+            }
+        self.other = PREDICTED_CLASS.labels(name, version, OTHER_CLASSES)
+
+    def add(self, top: np.ndarray) -> None:
+        """Count answers whose top classes are `top` (class indices)."""
+        found = np.bincount(top, minlength=len(self.counts))[: len(self.counts)]
+        self.counts += found
+        others = 0
+        for index in np.flatnonzero(found).tolist():
+            if index not in self.series and len(self.series) < self.limit:
+                self._admit(index)
+            if index in self.series:
+                self.series[index].inc(int(found[index]))
+            else:
+                others += int(found[index])
+        if others:
+            self.other.inc(others)
+
+    def _admit(self, index: int) -> None:
+        """Give class `index` a series if it is among the `limit` most frequent so far."""
+        if len(self.counts) > self.limit:
+            threshold = np.partition(self.counts, -self.limit)[-self.limit]
+            if self.counts[index] < threshold:
+                return
+        self.series[index] = PREDICTED_CLASS.labels(*self.labels, self.classes[index])
 
 
 @dataclass(frozen=True)
@@ -188,7 +243,9 @@ class ModelMetrics:
     queue_depth: Gauge
     estimated_wait: Gauge
     top1: Histogram
-    predicted_class: tuple[Counter, ...]  # by class index
+    predicted_class: ClassCounts
+    low_confidence: Counter
+    low_confidence_below: float
 
     def record_outputs(self, outputs: np.ndarray) -> None:
         """Count each answer's top class and observe its probability, for a batch (N, classes)."""
@@ -196,11 +253,13 @@ class ModelMetrics:
         if outputs.ndim != 2 or not outputs.size:
             return
         top = outputs.argmax(axis=1)
-        for index, count in enumerate(np.bincount(top, minlength=len(self.predicted_class))):
-            if count and index < len(self.predicted_class):
-                self.predicted_class[index].inc(int(count))
-        for probability in outputs[np.arange(len(outputs)), top].tolist():
+        self.predicted_class.add(top)
+        probabilities = outputs[np.arange(len(outputs)), top]
+        for probability in probabilities.tolist():
             self.top1.observe(probability)
+        low = int(np.count_nonzero(probabilities < self.low_confidence_below))
+        if low:
+            self.low_confidence.inc(low)
 
 
 @dataclass(frozen=True)
@@ -212,9 +271,17 @@ class RequestMetrics:
 
 
 def for_model(
-    name: str, version: str, classes: Sequence[str] = (), runner: str = "0"
+    name: str,
+    version: str,
+    classes: Sequence[str] = (),
+    runner: str = "0",
+    *,
+    low_confidence: float = 0.5,
+    class_series: int = 50,
 ) -> ModelMetrics:
-    """Return the metrics of model `name` at `version` in `runner`; its outputs are `classes`."""
+    """Return the metrics of model `name` at `version` in `runner`; its outputs are `classes`.
+    Answers under `low_confidence` are counted as such; `class_series` classes at most get a
+    series of their own (LOW_CONFIDENCE and CLASS_SERIES)."""
     return ModelMetrics(
         QUEUE_WAIT.labels(name, version, runner),
         INFERENCE_LATENCY.labels(name, version, runner),
@@ -223,7 +290,9 @@ def for_model(
         QUEUE_DEPTH.labels(name, version, runner),
         ESTIMATED_WAIT.labels(name, version, runner),
         TOP1_PROBABILITY.labels(name, version),
-        tuple(PREDICTED_CLASS.labels(name, version, label) for label in classes),
+        ClassCounts(name, version, classes, class_series),
+        LOW_CONFIDENCE.labels(name, version),
+        low_confidence,
     )
 
 

@@ -82,6 +82,15 @@ class Settings:
     api_token_file: str = ""
     # Python logging level of the service's JSON logs.
     log_level: str = "INFO"
+    # Grad-CAM explanations (?explain=gradcam) a runner computes at once, on threads of their
+    # own beside the batchers; as many again may wait, and more are refused with 503.
+    explain_concurrency: int = 1
+    # An answer whose top-class probability is below this counts as low-confidence
+    # (cnn_low_confidence_total).
+    low_confidence: float = 0.5
+    # Classes per model version with a cnn_predicted_class_total series of their own: the
+    # most frequent; the rest are counted as class="other".
+    class_series: int = 50
     # Runner processes, each holding every model and batching for all workers; 0: one per
     # visible GPU, else one.
     runners: int = 0
@@ -97,6 +106,8 @@ class Settings:
             "max_image_pixels",
             "max_images_per_request",
             "request_timeout_s",
+            "class_series",
+            "explain_concurrency",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -123,6 +134,8 @@ class Settings:
                 "GRPC_PORT must be 0 or a port other than PORT and METRICS_PORT "
                 f"({self.port}, {self.metrics_port})"
             )
+        if not 0 < self.low_confidence <= 1:
+            raise SettingsError(f"LOW_CONFIDENCE must be in (0, 1], got {self.low_confidence}")
         if self.max_images_per_request > self.max_queue:
             raise SettingsError("MAX_IMAGES_PER_REQUEST must not exceed MAX_QUEUE")
         if self.model_dir and self.model_repository:

@@ -3,9 +3,11 @@
 The model is the real one loaded from MODEL_DIR, wrapped so that a batch holding an image
 of one flat colour does something bad: all black (0) fails the forward pass, all white (255)
 kills the inference thread, and mid grey (128) holds the forward pass until the test
-releases it. Holding is synchronised through files in FAULT_DIR, since the test runs in
-another process: the model touches `held-<n>` when its n-th held batch starts, and waits for
-the test to create `release-<n>` (or `release-all`); a restarted runner counts from 1 again.
+releases it; dark grey (64) holds an explanation (Grad-CAM) instead. Holding is synchronised
+through files in FAULT_DIR, since the test runs in another process: the model touches
+`held-<n>` (`explain-held-<n>`) when its n-th held batch (explanation) starts, and waits for
+the test to create `release-<n>` (`explain-release-<n>`) or `release-all`; a restarted
+runner counts from 1 again.
 FAULT_FORWARD_S makes every forward pass last that long, as on a busy device; while
 FAULT_DIR/fail-load exists, every version fails to load.
 Run: RUNTIME=tests.fault_app:load cnn-serve ...
@@ -45,6 +47,9 @@ class WrappedClassifier:
     def predict_batch(self, inputs: np.ndarray) -> np.ndarray:
         return self.inner.predict_batch(inputs)
 
+    def explain(self, inputs: np.ndarray):
+        return self.inner.explain(inputs)
+
     def flat_values(self, inputs: np.ndarray) -> list[int]:
         """Return the pixel value (0-255) of each image in the batch that is one flat colour."""
         spec = self.info.spec
@@ -62,6 +67,7 @@ class MisbehavingClassifier(WrappedClassifier):
         super().__init__(inner)
         self.fault_dir = fault_dir
         self._held = itertools.count(1)
+        self._explanations_held = itertools.count(1)
         # A slow device: every forward pass takes at least this long (FAULT_FORWARD_S).
         self.forward_s = float(os.environ.get("FAULT_FORWARD_S", "0"))
 
@@ -77,9 +83,14 @@ class MisbehavingClassifier(WrappedClassifier):
             self._hold(next(self._held))
         return self.inner.predict_batch(inputs)
 
-    def _hold(self, number: int) -> None:
-        (self.fault_dir / f"held-{number}").touch()
-        releases = (self.fault_dir / f"release-{number}", self.fault_dir / "release-all")
+    def explain(self, inputs: np.ndarray):
+        if 64 in self.flat_values(inputs):
+            self._hold(next(self._explanations_held), "explain-")
+        return self.inner.explain(inputs)
+
+    def _hold(self, number: int, kind: str = "") -> None:
+        (self.fault_dir / f"{kind}held-{number}").touch()
+        releases = (self.fault_dir / f"{kind}release-{number}", self.fault_dir / "release-all")
         give_up = time.monotonic() + HOLD_LIMIT_S
         while not any(path.exists() for path in releases) and time.monotonic() < give_up:
             time.sleep(0.005)
@@ -103,16 +114,16 @@ class FaultControl:
     def __init__(self, fault_dir: Path) -> None:
         self.fault_dir = fault_dir
 
-    def wait_held(self, number: int, within_s: float = 60) -> None:
-        """Wait until the `number`-th held batch has started."""
+    def wait_held(self, number: int, within_s: float = 60, kind: str = "") -> None:
+        """Wait until the `number`-th held batch (kind "explain-": explanation) has started."""
         deadline = time.monotonic() + within_s
-        while not (self.fault_dir / f"held-{number}").exists():
-            assert time.monotonic() < deadline, f"held batch {number} never started"
+        while not (self.fault_dir / f"{kind}held-{number}").exists():
+            assert time.monotonic() < deadline, f"held {kind}batch {number} never started"
             time.sleep(0.01)
 
-    def release(self, number: int) -> None:
-        """Let the `number`-th held batch finish."""
-        (self.fault_dir / f"release-{number}").touch()
+    def release(self, number: int, kind: str = "") -> None:
+        """Let the `number`-th held batch (kind "explain-": explanation) finish."""
+        (self.fault_dir / f"{kind}release-{number}").touch()
 
     def release_all(self) -> None:
         """Let every held batch finish, now and from now on."""

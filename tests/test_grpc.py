@@ -427,3 +427,19 @@ def test_clients_that_stop_reading_hold_no_request_thread(server, stub, cnn, cla
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_explain_parameter_adds_each_images_gradcam(stub, cnn, classifier):
+    import json
+
+    images = distinct_images(2)
+    request = image_request(images)
+    request.parameters["explain"].string_param = "gradcam"
+    response = stub.ModelInfer(request, metadata=BEARER)
+    explained = json.loads(response.parameters["explanations"].string_param)
+    expected = [expected_probabilities(cnn, d, classifier.info.spec) for d in images]
+    assert [e["class"] for e in explained] == [LABELS[int(np.argmax(p))] for p in expected]
+    assert {e["method"] for e in explained} == {"gradcam"}
+    request.parameters["explain"].string_param = "lime"
+    error = grpc_error(stub.ModelInfer, request, metadata=BEARER)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT

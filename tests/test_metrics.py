@@ -149,3 +149,71 @@ def test_the_exposition_reports_the_registry_values(client):
         ("cnn_batch_queue_depth", RUNNER_LABELS),
     ):
         assert samples.get((name, tuple(sorted(labels.items()))), 0.0) == value(name, labels)
+
+
+def test_answers_under_low_confidence_are_counted_per_version(model_dir, classifier):
+    from dataclasses import replace
+
+    from tests.conftest import expected_probabilities, make_cnn
+
+    images = distinct_images(6)
+    model = make_cnn()
+    model.load_weights(model_dir / "2" / "model.weights.h5")
+    top1 = [float(expected_probabilities(model, d, classifier.info.spec).max()) for d in images]
+    # A threshold between the answers' confidences, so that some are under it and some not.
+    threshold = float(sorted(top1)[2] + sorted(top1)[3]) / 2
+    under = sum(p < threshold for p in top1)
+    assert 0 < under < len(images)
+    from service.settings import Settings
+
+    settings = replace(Settings(model_dir=str(model_dir)), low_confidence=threshold)
+    app = create_app(settings, classifier)
+    before = value("cnn_low_confidence_total", MODEL_LABELS)
+    answers = value("cnn_top1_probability_count", MODEL_LABELS)
+    try:
+        assert post_images(app.test_client(), images).status_code == 200
+    finally:
+        app.extensions["runner"].close(timeout=5)
+    assert value("cnn_low_confidence_total", MODEL_LABELS) - before == under
+    assert value("cnn_top1_probability_count", MODEL_LABELS) - answers == len(images)
+
+
+def test_a_model_with_many_classes_keeps_its_most_frequent_classes_and_the_rest_as_other():
+    import numpy as np
+
+    from service.metrics import for_model
+
+    classes = [f"c{i}" for i in range(200)]
+    recorded = for_model("many", "1", classes, low_confidence=0.5, class_series=5)
+    # A planted mix: class 10 + i answered 60 - 5i times for i < 10, and 150 classes once.
+    tops = [10 + i for i in range(10) for _ in range(60 - 5 * i)] + list(range(50, 200))
+    rng = np.random.default_rng(0)
+    first = np.eye(len(classes))[rng.permutation(tops)]
+    recorded.record_outputs(first)
+    # Later answers of classes that did not make it go to "other", the kept ones their own.
+    recorded.record_outputs(np.eye(len(classes))[[10, 10, 11, 19, 30, 199]])
+
+    def count(label: str) -> float:
+        labels = {"model": "many", "version": "1", "class": label}
+        return REGISTRY.get_sample_value("cnn_predicted_class_total", labels) or 0.0
+
+    kept = {f"c{10 + i}": 60 - 5 * i for i in range(5)}  # the five most frequent
+    kept["c10"] += 2
+    kept["c11"] += 1
+    for label, expected in kept.items():
+        assert count(label) == expected
+    for label in ("c15", "c19", "c30", "c199"):
+        assert (
+            REGISTRY.get_sample_value(
+                "cnn_predicted_class_total", {"model": "many", "version": "1", "class": label}
+            )
+            is None
+        ), f"{label} has a series of its own"
+    assert count("other") == len(tops) + 6 - sum(kept.values())
+    exported = [
+        sample
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == "cnn_predicted_class_total" and sample.labels["model"] == "many"
+    ]
+    assert len(exported) == 6  # five classes and "other"

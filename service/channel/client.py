@@ -63,6 +63,24 @@ class RunnerClient:
         frames = wire.predict_request(seq, request_id, deadline, model, version, tensor, announced)
         return self._call(index, seq, frames, wait_until)
 
+    def explain(
+        self,
+        index: int,
+        tensor: np.ndarray,
+        *,
+        model: str,
+        version: str,
+        deadline: float,
+        wait_until: float,
+        request_id: str = "",
+    ) -> wire.Explanation:
+        """Return runner `index`'s Grad-CAM explanation of `tensor`'s images."""
+        seq = next(self._seq)
+        frames = wire.predict_request(
+            seq, request_id, deadline, model, version, tensor, kind=wire.EXPLAIN
+        )
+        return self._call(index, seq, frames, wait_until)
+
     def announce(self, index: int, *, model: str, version: str, deadline: float) -> int:
         """Tell runner `index` that a request for `model` `version` is on its way, so that a
         batch forming meanwhile waits for it; return the seq to name in `predict` (0: the

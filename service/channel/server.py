@@ -25,6 +25,8 @@ from service.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
+# The requests that get an answer (the others are notices).
+ANSWERED = (wire.CATALOGUE, wire.PREDICT, wire.EXPLAIN)
 # Answer a request: its frames, sent to the worker that asked.
 Respond = Callable[[wire.Frames], None]
 
@@ -34,6 +36,9 @@ class Handler(Protocol):
 
     def predict(self, sender: bytes, request: wire.Request, respond: Respond) -> None:
         """Take a prediction from `sender`, to be answered through `respond`, now or later."""
+
+    def explain(self, sender: bytes, request: wire.Request, respond: Respond) -> None:
+        """Take an explanation request from `sender`, to be answered through `respond`."""
 
     def arriving(self, sender: bytes, request: wire.Request) -> None:
         """Note a request of `sender` on its way (no answer)."""
@@ -121,17 +126,19 @@ class RunnerServer:
                 self._send(identity, wire.catalogue_answer(request.seq, self.handler.catalogue()))
             elif request.kind == wire.PREDICT:
                 self.handler.predict(identity, request, respond)
+            elif request.kind == wire.EXPLAIN:
+                self.handler.explain(identity, request, respond)
             elif request.kind == wire.ARRIVING:
                 self.handler.arriving(identity, request)
             else:
                 self.handler.left(identity, request)
         except ServiceError as error:
-            if request.kind in (wire.CATALOGUE, wire.PREDICT):  # notices get no answer
+            if request.kind in ANSWERED:  # notices get no answer
                 self._send(identity, wire.error_answer(request.seq, error))
         except Exception:
             # A fault of the runner's own: this request fails, the loop goes on.
             log.exception("the runner failed on a request", extra={"kind": request.kind})
-            if request.kind in (wire.CATALOGUE, wire.PREDICT):
+            if request.kind in ANSWERED:
                 failure = ServiceError(f"internal error (request id {request.request_id})")
                 self._send(identity, wire.error_answer(request.seq, failure))
 

@@ -6,6 +6,8 @@ is a view of its frame, so an image crosses the boundary as one copy: the socket
 
 - Request `predict`: seq, request id, deadline (time.monotonic(), which all the processes
   of one machine share), model, version; the frame holds [N, H, W, C] uint8 or float32.
+- Request `explain`: as `predict`; the answer is each image's Grad-CAM heatmap ([N, H, W]
+  uint8 in the frame), its top class and the layer used (in the header).
 - Request `catalogue`: seq; the answer's header holds what the runner serves.
 - Notices `arriving` (seq, deadline, model, version: a request whose upload is being decoded,
   for which a forming batch may wait) and `left` (seq: it will not come); no answer. A
@@ -24,7 +26,8 @@ import orjson
 
 from service.errors import Overloaded, ServiceError, rebuild
 
-PREDICT, CATALOGUE, ARRIVING, LEFT = "predict", "catalogue", "arriving", "left"
+PREDICT, EXPLAIN, CATALOGUE = "predict", "explain", "catalogue"
+ARRIVING, LEFT = "arriving", "left"
 _DTYPES = {"uint8": np.uint8, "float32": np.float32}
 
 Frames = list[Any]  # bytes, memoryviews or zmq.Frame
@@ -44,6 +47,15 @@ class Request:
     announced: int = 0
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """The answer to `explain`: each image's top class and heatmap, and the layer used."""
+
+    layer: str
+    classes: list[int]
+    heatmaps: np.ndarray
+
+
 def predict_request(
     seq: int,
     request_id: str,
@@ -52,11 +64,12 @@ def predict_request(
     version: str,
     tensor: np.ndarray,
     announced: int = 0,
+    kind: str = PREDICT,
 ) -> Frames:
     """Encode a prediction request for `tensor` (announced by the `arriving` notice of seq
-    `announced`, if not 0)."""
+    `announced`, if not 0), or with `kind` EXPLAIN, an explanation request."""
     header = {
-        "kind": PREDICT,
+        "kind": kind,
         "seq": seq,
         "request_id": request_id,
         "deadline": deadline,
@@ -93,10 +106,10 @@ def read_request(frames: Frames) -> Request:
     if kind == ARRIVING:
         deadline, model, version = header["deadline"], header["model"], header["version"]
         return Request(ARRIVING, int(header["seq"]), "", float(deadline), model, version)
-    if kind != PREDICT or len(frames) != 2:
+    if kind not in (PREDICT, EXPLAIN) or len(frames) != 2:
         raise ValueError(f"not a request: {header!r}")
     return Request(
-        PREDICT,
+        kind,
         int(header["seq"]),
         str(header["request_id"]),
         float(header["deadline"]),
@@ -110,6 +123,16 @@ def read_request(frames: Frames) -> Request:
 def outputs_answer(seq: int, outputs: np.ndarray) -> Frames:
     """Encode the outputs of a prediction."""
     return [orjson.dumps({"seq": seq, **_describe(outputs)}), np.ascontiguousarray(outputs)]
+
+
+def explanation_answer(seq: int, explanation: Explanation) -> Frames:
+    """Encode the heatmaps, classes and layer of an explanation."""
+    header = {
+        "seq": seq,
+        "explanation": {"layer": explanation.layer, "classes": explanation.classes},
+        **_describe(explanation.heatmaps),
+    }
+    return [orjson.dumps(header), np.ascontiguousarray(explanation.heatmaps)]
 
 
 def catalogue_answer(seq: int, catalogue: dict[str, Any]) -> Frames:
@@ -131,12 +154,16 @@ def answer_seq(frames: Frames) -> tuple[int, dict[str, Any]]:
 
 
 def read_answer(header: dict[str, Any], frames: Frames) -> Any:
-    """Return an answer's outputs array or catalogue; raise the error it carries."""
+    """Return an answer's outputs array, explanation or catalogue; raise the error it
+    carries."""
     error = header.get("error")
     if error is not None:
         raise rebuild(error["code"], error["message"], int(error.get("retry_after", 1)))
     if "catalogue" in header:
         return header["catalogue"]
+    if "explanation" in header:
+        about = header["explanation"]
+        return Explanation(about["layer"], about["classes"], _array(header, frames[1]))
     return _array(header, frames[1])
 
 

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.channel.wire import Explanation
 from service.errors import InvalidRequest
+from service.frontend import explanations
 from service.frontend.protocol_rules import check_image_count, ranked
 from service.frontend.versions import RemoteVersion, Upload
 from service.registry import Models, State
@@ -135,14 +137,20 @@ def infer(
     max_images: int,
     deadline: float,
     request_id: str,
-) -> list[OutputTensor]:
-    """Run a request's one input through `served`; return the outputs it asks for."""
+    explain: bool = False,
+) -> tuple[list[OutputTensor], list[dict] | None]:
+    """Run a request's one input through `served`; return the outputs it asks for, and with
+    `explain` (the request's "explain" parameter) each image's explanation."""
     if len(inputs) != 1:
         raise InvalidRequest(f"send one input, {IMAGE!r} or {PIXELS!r}; got {len(inputs)}")
     tensor = inputs[0]
     check_image_count(len(tensor.value), max_images)
-    probabilities = np.stack(_predict(served, tensor, deadline, request_id))
-    return [_output(served, probabilities, output) for output in requested]
+    answer = _predict(served, tensor, deadline, request_id, explain)
+    probabilities = np.stack(answer[0])
+    outputs = [_output(served, probabilities, output) for output in requested]
+    if answer[1] is None:
+        return outputs, None
+    return outputs, explanations.described(answer[1], served.info.labels)
 
 
 def model_metadata(models: Models, served: RemoteVersion, pinned: bool) -> dict[str, object]:
@@ -175,8 +183,8 @@ def model_ready(models: Models, name: str, version: str | None, serving: bool) -
 
 
 def _predict(
-    served: RemoteVersion, tensor: InputTensor, deadline: float, request_id: str
-) -> list[np.ndarray]:
+    served: RemoteVersion, tensor: InputTensor, deadline: float, request_id: str, explain: bool
+) -> tuple[list[np.ndarray], Explanation | None]:
     if not len(tensor.value):
         raise InvalidRequest(f"input {tensor.name!r} holds no image")
     if tensor.name == IMAGE:
@@ -186,11 +194,15 @@ def _predict(
         uploads = [
             Upload(f"image {i + 1} ({IMAGE}[{i}])", data) for i, data in enumerate(tensor.value)
         ]
-        return served.predict(uploads, deadline=deadline, request_id=request_id)
+        if explain:
+            return served.predict_explained(uploads, deadline, request_id)
+        return served.predict(uploads, deadline, request_id), None
     if tensor.name == PIXELS:
         if not isinstance(tensor.value, np.ndarray):
             raise InvalidRequest(f"input {PIXELS!r} must be UINT8 or FP32 [N, H, W, C]")
-        return served.predict_tensor(tensor.value, deadline=deadline, request_id=request_id)
+        if explain:
+            return served.predict_tensor_explained(tensor.value, deadline, request_id)
+        return served.predict_tensor(tensor.value, deadline, request_id), None
     raise InvalidRequest(f"unknown input {tensor.name!r}; the model takes {IMAGE!r} or {PIXELS!r}")
 
 

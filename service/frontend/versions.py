@@ -19,6 +19,7 @@ from model_folder.files import ModelInfo
 from model_folder.preprocessing import decode_image
 from service import metrics
 from service.channel.client import RunnerClient
+from service.channel.wire import Explanation
 from service.errors import InvalidImage, InvalidRequest, ModelNotReady, PayloadTooLarge
 from service.settings import Settings
 
@@ -63,11 +64,24 @@ class RemoteVersion:
         The runner is told first that the request is on its way, so that a batch it forms
         meanwhile waits for these images (up to MAX_BATCH_DELAY_MS).
         """
-        spec = self.info.spec
         index = self._least_held()
         announced = self.client.announce(
             index, model=self.info.name, version=self.info.version, deadline=deadline
         )
+        pixels = self._decode(uploads, index, announced)
+        return self._run(pixels, deadline, request_id, index, announced)
+
+    def predict_explained(
+        self, uploads: Sequence[Upload], deadline: float, request_id: str = ""
+    ) -> tuple[list[np.ndarray], Explanation]:
+        """Return what `predict` returns, and the Grad-CAM of each image on the same pixels."""
+        index = self._least_held()
+        pixels = self._decode(uploads, index, 0)
+        outputs = self._run(pixels, deadline, request_id, index)
+        return outputs, self._explain(pixels, deadline, request_id, index)
+
+    def _decode(self, uploads: Sequence[Upload], index: int, announced: int) -> np.ndarray:
+        spec = self.info.spec
         pixels = np.empty((len(uploads), *spec.shape), dtype=np.uint8)
         try:
             for i, upload in enumerate(uploads):
@@ -83,7 +97,7 @@ class RemoteVersion:
             if announced:
                 self.client.withdraw(index, announced)
             raise
-        return self._run(pixels, deadline, request_id, index, announced)
+        return pixels
 
     def predict_tensor(
         self, batch: np.ndarray, deadline: float, request_id: str = ""
@@ -93,6 +107,19 @@ class RemoteVersion:
         `batch` is [N, H, W, C]: uint8 pixels are scaled as the model folder says (as decoded
         uploads are), float32 values are taken as the model's input values.
         """
+        self._check_tensor(batch)
+        return self._run(batch, deadline, request_id, self._least_held())
+
+    def predict_tensor_explained(
+        self, batch: np.ndarray, deadline: float, request_id: str = ""
+    ) -> tuple[list[np.ndarray], Explanation]:
+        """Return what `predict_tensor` returns, and the Grad-CAM of each image."""
+        self._check_tensor(batch)
+        index = self._least_held()
+        outputs = self._run(batch, deadline, request_id, index)
+        return outputs, self._explain(batch, deadline, request_id, index)
+
+    def _check_tensor(self, batch: np.ndarray) -> None:
         spec = self.info.spec
         if batch.ndim != 4 or tuple(batch.shape[1:]) != spec.shape:
             raise InvalidRequest(
@@ -104,7 +131,19 @@ class RemoteVersion:
                 raise InvalidRequest("the tensor holds a NaN or an infinity")
         elif batch.dtype != np.uint8:
             raise InvalidRequest(f"the tensor's type is {batch.dtype}; use uint8 or float32")
-        return self._run(batch, deadline, request_id, self._least_held())
+
+    def _explain(
+        self, tensor: np.ndarray, deadline: float, request_id: str, index: int
+    ) -> Explanation:
+        return self.client.explain(
+            index,
+            tensor,
+            model=self.info.name,
+            version=self.info.version,
+            deadline=deadline,
+            wait_until=deadline + self.settings.running_batch_grace_s,
+            request_id=request_id,
+        )
 
     def _run(
         self,

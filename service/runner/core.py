@@ -25,6 +25,7 @@ from service.channel.slots import SlotTable
 from service.errors import DeadlineExceeded, InferenceFailed, ServiceError
 from service.registry import Models, VersionStatus
 from service.runner.batching import Arrival
+from service.runner.explainer import Explainer
 from service.runner.inference import ModelVersion
 from service.runner.reloader import ModelManager
 
@@ -35,10 +36,17 @@ class RunnerCore:
     """Predictions into the batchers of one runner's versions; its catalogue out."""
 
     def __init__(
-        self, models: Models[ModelVersion], manager: ModelManager, slots: SlotTable, index: int
+        self,
+        models: Models[ModelVersion],
+        manager: ModelManager,
+        slots: SlotTable,
+        index: int,
+        explainer: Explainer,
     ):
-        """Serve `models`, kept by `manager`, as runner `index` of `slots`."""
+        """Serve `models`, kept by `manager`, as runner `index` of `slots`; explanations on
+        `explainer`'s threads."""
         self.models = models
+        self.explainer = explainer
         self.manager = manager
         self.slots = slots
         self.index = index
@@ -68,6 +76,33 @@ class RunnerCore:
         pending = _Pending(request, served, futures, respond, self._count_held)
         heapq.heappush(self._deadlines, (request.deadline, next(self._order), pending))
         pending.watch()
+
+    def explain(self, sender: bytes, request: wire.Request, respond: Respond) -> None:
+        """Explain the request's images on the explainer's threads; answer once done."""
+        assert request.tensor is not None
+        tensor = request.tensor
+        if request.deadline <= time.monotonic():
+            raise DeadlineExceeded("the request's deadline passed before it reached the runner")
+        served: ModelVersion = self.models.serving(request.model, request.version)
+        future = self.explainer.submit(lambda: served.explain(tensor), request.deadline)
+        served.hold()
+
+        def answer(done: Future) -> None:
+            served.release()
+            error = done.exception()
+            if error is None:
+                respond(wire.explanation_answer(request.seq, done.result()))
+                return
+            typed = _typed(error)
+            if typed.status >= 500 and not isinstance(typed, DeadlineExceeded):
+                log.error(
+                    "explanation failed: %s",
+                    error,
+                    extra={"request_id": request.request_id, "code": typed.code},
+                )
+            respond(wire.error_answer(request.seq, typed))
+
+        future.add_done_callback(answer)
 
     def arriving(self, sender: bytes, request: wire.Request) -> None:
         """Have the version's forming batch wait for a request whose upload is decoding."""

@@ -16,6 +16,7 @@ import numpy as np
 from model_folder.files import ModelInfo
 from model_folder.preprocessing import to_model_input
 from service import metrics
+from service.channel.wire import Explanation
 from service.errors import InvalidRequest, ModelNotReady
 from service.runner.batching import Arrival, Batcher
 from service.settings import Settings
@@ -54,7 +55,12 @@ class ModelVersion:
         self.info = classifier.info
         self.settings = settings
         self.metrics = metrics.for_model(
-            self.info.name, self.info.version, self.info.labels, runner
+            self.info.name,
+            self.info.version,
+            self.info.labels,
+            runner,
+            low_confidence=settings.low_confidence,
+            class_series=settings.class_series,
         )
         self.batcher = Batcher(
             classifier.predict_batch,
@@ -109,11 +115,21 @@ class ModelVersion:
             raise ModelNotReady(
                 f"model {self.info.name!r} version {self.info.version} has stopped batching"
             )
+        return self.batcher.submit(list(self._inputs(tensor)), deadline, arrival)
+
+    def explain(self, tensor: np.ndarray) -> Explanation:
+        """Return the Grad-CAM of `tensor`'s images (as `submit` takes them), on this thread."""
+        explain = getattr(self.classifier, "explain", None)
+        if explain is None:
+            raise InvalidRequest(f"model {self.info.name!r}'s runtime does not explain")
+        layer, top, heatmaps = explain(self._inputs(tensor))
+        return Explanation(layer, [int(i) for i in top], heatmaps)
+
+    def _inputs(self, tensor: np.ndarray) -> np.ndarray:
         spec = self.info.spec
         if tensor.ndim != 4 or tuple(tensor.shape[1:]) != spec.shape:
             raise InvalidRequest(
                 f"the tensor's shape is {list(tensor.shape)}; the model takes "
                 f"[N, {', '.join(map(str, spec.shape))}]"
             )
-        inputs = to_model_input(tensor, spec) if tensor.dtype == np.uint8 else tensor
-        return self.batcher.submit(list(inputs), deadline, arrival)
+        return to_model_input(tensor, spec) if tensor.dtype == np.uint8 else tensor

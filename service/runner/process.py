@@ -25,6 +25,7 @@ from service.channel.slots import (
 )
 from service.registry import Models, Phase
 from service.runner.core import RunnerCore
+from service.runner.explainer import Explainer
 from service.runner.inference import Classifier, ModelVersion
 from service.runner.reloader import ModelManager
 from service.settings import Settings
@@ -53,7 +54,8 @@ class Runner:
             settings.threads, on_change=lambda: slots.changed(index)
         )
         self.manager = ModelManager(settings, self.models, classifier, runner=str(index))
-        self.core = RunnerCore(self.models, self.manager, slots, index)
+        self.explainer = Explainer(settings.explain_concurrency)
+        self.core = RunnerCore(self.models, self.manager, slots, index, self.explainer)
         self.server = RunnerServer(runner_address(server_id, index), self.core)
         self._given = classifier is not None
         self._serving = threading.Thread(target=self.server.serve, name="channel", daemon=True)
@@ -67,6 +69,7 @@ class Runner:
     def close(self, timeout: float | None = None) -> None:
         """Finish the work queued, answer it, and stop."""
         self.manager.close(timeout)
+        self.explainer.close()
         self.server.stop()
         self._serving.join(timeout)
         self.slots.stopped(self.index)

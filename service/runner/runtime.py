@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +54,8 @@ with _native_stderr_discarded():
     elif BACKEND == "jax":
         import jax
 
+from service.runner.gradcam import GradCam  # noqa: E402 - imports Keras, after the above
+
 log = logging.getLogger(__name__)
 
 # The largest batch when MAX_BATCH_SIZE is 0: a GPU needs large batches to be kept busy.
@@ -73,6 +76,8 @@ class KerasClassifier:
         # The compiled size each batch of 1..max runs on: the smallest that holds it, until
         # warm_up has timed them all (a larger one may be faster: XLA's CPU programs are).
         self._size_for = [0, *map(self._smallest_holding, range(1, self.max_batch_size + 1))]
+        self._gradcam: GradCam | None = None
+        self._gradcam_lock = threading.Lock()
 
     @property
     def max_batch_size(self) -> int:
@@ -96,6 +101,15 @@ class KerasClassifier:
             padding = np.zeros((size - count, *inputs.shape[1:]), dtype=np.float32)
             inputs = np.concatenate([inputs, padding])
         return self._forwards[size](np.ascontiguousarray(inputs, dtype=np.float32))[:count]
+
+    def explain(self, inputs: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
+        """Return the Grad-CAM of float32 inputs (N, H, W, C): the layer it looks at, each
+        image's top class and its heatmap (uint8 N, H, W)."""
+        with self._gradcam_lock:
+            if self._gradcam is None:  # made on the first request: most never ask
+                self._gradcam = GradCam(self._model, self.info.name)
+        top, heatmaps = self._gradcam.explain(np.ascontiguousarray(inputs, dtype=np.float32))
+        return self._gradcam.layer, top, heatmaps
 
     def warm_up(self) -> None:
         """Run the forward pass of every padded batch size; time each, and pad to the fastest.

@@ -8,13 +8,14 @@ statistics, model control) are not served: grpcio answers them UNIMPLEMENTED.
 
 from __future__ import annotations
 
+import json
 import time
 from importlib.metadata import version as package_version
 
 from tritonclient.grpc import service_pb2 as pb
 
 from service.errors import ModelNotFound
-from service.frontend import open_inference
+from service.frontend import explanations, open_inference
 from service.frontend.catalogue import Catalogue
 from service.frontend.grpc import tensors
 from service.frontend.grpc.calls import Call, Methods
@@ -127,16 +128,21 @@ class InferenceService:
         """Run the request's one input through the model; answer the outputs it asks for."""
         served = self.models.acquire(request.model_name, request.model_version or None)
         try:
-            outputs = open_inference.infer(
+            outputs, explained = open_inference.infer(
                 served,
                 tensors.inputs(request),
                 tensors.requested_outputs(request),
                 max_images=self.settings.max_images_per_request,
                 deadline=call.deadline,
                 request_id=call.request_id,
+                explain=explanations.requested(tensors.explain_parameter(request)),
             )
         finally:
             self.models.release(served)
             served.metrics.request.observe(time.perf_counter() - call.started)
         info = served.info
-        return tensors.response(request, info.name, info.version, outputs)
+        response = tensors.response(request, info.name, info.version, outputs)
+        if explained is not None:
+            # A parameter holds a scalar: the explanations go as one JSON string.
+            response.parameters["explanations"].string_param = json.dumps(explained)
+        return response

@@ -66,6 +66,13 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[RequestedOutput]:
     return found
 
 
+def explain_parameter(request: pb.ModelInferRequest) -> object:
+    """Return the request's "explain" parameter (None when absent)."""
+    if "explain" not in request.parameters:
+        return None
+    return _parameter(request.parameters["explain"])
+
+
 def response(
     request: pb.ModelInferRequest, model: str, version: str, outputs: list[OutputTensor]
 ) -> pb.ModelInferResponse:

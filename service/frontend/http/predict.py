@@ -9,6 +9,7 @@ import orjson
 from flask import Blueprint, Request, Response, current_app, g, request
 
 from service.errors import InvalidRequest, UnsupportedMediaType
+from service.frontend import explanations
 from service.frontend.http.base import (
     authorize,
     b64_upload,
@@ -24,7 +25,7 @@ from service.settings import Settings
 blueprint = Blueprint("predict", __name__)
 
 DEFAULT_TOP_K = 5
-QUERY_PARAMETERS = ("top_k", "timeout", "model", "version")
+QUERY_PARAMETERS = ("top_k", "timeout", "model", "version", "explain")
 ACCEPTED_TYPES = "multipart/form-data, image/*, application/json"
 
 
@@ -34,13 +35,25 @@ def predict() -> Response:
     settings: Settings = current_app.config["SETTINGS"]
     authorize(request, current_app.config["API_TOKEN"])
     top_k = _top_k(request)
+    explain = explanations.requested(request.args.get("explain"))
     served = lease(request.args.get("model") or None, request.args.get("version") or None)
     read_at = time.perf_counter()
     uploads = read_uploads(request, settings.max_images_per_request)
     predict_at = time.perf_counter()
-    probabilities = served.predict(uploads, deadline=g.deadline, request_id=g.request_id)
+    if explain:
+        probabilities, explanation = served.predict_explained(uploads, g.deadline, g.request_id)
+    else:
+        probabilities = served.predict(uploads, deadline=g.deadline, request_id=g.request_id)
     answered_at = time.perf_counter()
-    response = json_response(prediction_body(served, probabilities, top_k))
+    body = prediction_body(served, probabilities, top_k)
+    if explain:
+        for prediction, about in zip(
+            body["predictions"],
+            explanations.described(explanation, served.info.labels),
+            strict=True,
+        ):
+            prediction["explanation"] = about
+    response = json_response(body)
     # The standard Server-Timing header: where the time went, for any client to show.
     response.headers["Server-Timing"] = server_timing(
         read=predict_at - read_at,

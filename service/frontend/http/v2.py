@@ -15,7 +15,7 @@ from service.errors import (
     InvalidRequest,
     UnsupportedMediaType,
 )
-from service.frontend import open_inference
+from service.frontend import explanations, open_inference
 from service.frontend.catalogue import Catalogue
 from service.frontend.http import v2_codec
 from service.frontend.http.base import (
@@ -145,18 +145,22 @@ def infer(name: str, version: str | None) -> Response:
         read_body(request), request.headers.get(HEADER_LENGTH)
     )
     requested = v2_codec.requested_outputs(document, OUTPUT)
-    outputs = open_inference.infer(
+    explain = v2_codec.parameters(document, "the request").get("explain")
+    outputs, explained = open_inference.infer(
         served,
         inputs,
         requested,
         max_images=settings.max_images_per_request,
         deadline=g.deadline,
         request_id=g.request_id,
+        explain=explanations.requested(explain),
     )
     info = served.info
     answer: dict[str, object] = {"model_name": info.name, "model_version": info.version}
     if "id" in document:
         answer["id"] = document["id"]
+    if explained is not None:
+        answer["parameters"] = {"explanations": explained}
     body, header_length = v2_codec.encode_response(
         answer, outputs, [output.binary for output in requested]
     )

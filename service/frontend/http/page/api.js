@@ -6,7 +6,7 @@ export const $ = (selector, root = document) => root.querySelector(selector);
 
 /** Fetch a path of this service (relative: the page may sit under a proxy's prefix). */
 export function call(path, options = {}) {
-  const token = sessionStorage.getItem(TOKEN_KEY);
+  const token = currentToken();
   const headers = new Headers(options.headers || {});
   if (token) headers.set("Authorization", `Bearer ${token}`);
   return fetch(path, { ...options, headers });
@@ -42,13 +42,26 @@ export function forgetToken() {
   showTokenButton();
 }
 
-/** Ask for the token, saying why; resolve true once one is given, false if declined. */
+/** Return the token this tab keeps, or null. */
+export function currentToken() {
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+let answer = null; // while the dialog is open: the answer every 401 meanwhile waits for
+
+/**
+ * Ask for the token, saying why; resolve true once one is given, false if declined. A 401
+ * that comes while the dialog is open waits for the same answer: the dialog stays as it is,
+ * with what the user has typed.
+ */
 export function askForToken(message) {
+  if (answer) return answer;
   const dialog = $("#token-dialog");
   $("#token-error").textContent = message;
   $("#token").value = "";
+  dialog.returnValue = ""; // Escape leaves it as it was: the last dialog's "ok" must not count
   dialog.showModal();
-  return new Promise((resolve) => {
+  answer = new Promise((resolve) => {
     dialog.addEventListener(
       "close",
       () => {
@@ -56,13 +69,15 @@ export function askForToken(message) {
         const given = dialog.returnValue === "ok" && token !== "";
         if (given) sessionStorage.setItem(TOKEN_KEY, token);
         showTokenButton();
+        answer = null;
         resolve(given);
       },
       { once: true },
     );
   });
+  return answer;
 }
 
 export function showTokenButton() {
-  $("#forget-token").hidden = !sessionStorage.getItem(TOKEN_KEY);
+  $("#forget-token").hidden = !currentToken();
 }

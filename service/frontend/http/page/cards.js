@@ -52,6 +52,12 @@ export function showPrediction(card, answer, prediction, timing) {
     `${answer.model.name} v${answer.model.version}. Round trip ${ms(timing.roundTrip)}${shared}${took}.`;
 }
 
+/** Say what the card's image waits for: the model, or the token the service asks for. */
+export function showPending(card, text) {
+  const pending = $(".pending", card);
+  if (pending) pending.textContent = text;
+}
+
 /** Show the service's message (or why it could not be reached) in the card. */
 export function showError(card, message) {
   settle(card, "failed");

@@ -1,8 +1,17 @@
 // The page at /: images in (file dialog, folder, drop, paste), to /predict in as few requests
 // as the limits allow, each answer into its card. It speaks only the public API.
 
-import { $, askForToken, call, errorMessage, forgetToken, serverTiming, showTokenButton } from "./api.js";
-import { clearCards, newCard, showError, showPrediction } from "./cards.js";
+import {
+  $,
+  askForToken,
+  call,
+  currentToken,
+  errorMessage,
+  forgetToken,
+  serverTiming,
+  showTokenButton,
+} from "./api.js";
+import { clearCards, newCard, showError, showPending, showPrediction } from "./cards.js";
 import { watchMetrics } from "./metrics.js";
 import { predictUrl, watchModels } from "./models.js";
 
@@ -22,8 +31,12 @@ function classify(files) {
   const items = files.map((file) => ({ file, card: newCard(file) }));
   cards.prepend(...items.map((item) => item.card));
   setSummary(`Sending ${files.length} image${files.length === 1 ? "" : "s"}…`);
-  for (const chunk of chunks(items)) queue = queue.then(() => send(chunk, true));
+  for (const chunk of chunks(items)) enqueue(chunk, true);
   queue = queue.then(() => setSummary(summaryText()));
+}
+
+function enqueue(items, mayResendAlone) {
+  queue = queue.then(() => send(items, mayResendAlone));
 }
 
 function* chunks(items) {
@@ -44,6 +57,9 @@ function* chunks(items) {
  * POST the images as one multipart request and fill their cards. When the service refuses
  * the request (a 4xx: one image that does not decode fails them all), resend each image
  * alone, so that each card gets its own answer or the service's message about that image.
+ * Refused for its token (a 401), the request steps aside to wait for the one token dialog,
+ * and the queue goes on: each 401 that comes meanwhile waits for the same dialog, and once
+ * the user gives a token, every request that waited goes again, in its turn.
  */
 async function send(items, mayResendAlone) {
   const form = new FormData();
@@ -58,6 +74,7 @@ async function send(items, mayResendAlone) {
   }
   const fail = (message) => items.forEach(({ card }) => showError(card, message));
   const started = performance.now();
+  const sent = currentToken();
   let response;
   try {
     response = await call(predictUrl(), { method: "POST", body: form });
@@ -65,9 +82,23 @@ async function send(items, mayResendAlone) {
     return fail(`Could not reach the service: ${error.message}`);
   }
   if (response.status === 401) {
-    forgetToken(); // wrong, or none: ask again rather than send it again
     const message = await errorMessage(response);
-    return (await askForToken(message)) ? send(items, mayResendAlone) : fail(message);
+    let given = Promise.resolve(true); // a token given since this request left: try it
+    if (currentToken() === sent) {
+      forgetToken(); // wrong, or none: ask again rather than send it again
+      given = askForToken(sent ? `The service refused this token: ${message}` : message);
+      items.forEach(({ card }) => showPending(card, "Waiting for the token…"));
+    }
+    given.then((ok) => {
+      if (ok) {
+        items.forEach(({ card }) => showPending(card, "Waiting for the model…"));
+        enqueue(items, mayResendAlone);
+      } else {
+        fail(message);
+      }
+      queue = queue.then(() => setSummary(summaryText()));
+    });
+    return undefined;
   }
   if (!response.ok) {
     if (mayResendAlone && items.length > 1 && response.status < 500) {
@@ -93,7 +124,9 @@ function setSummary(text) {
 function summaryText() {
   const done = cards.querySelectorAll(".card.done").length;
   const failed = cards.querySelectorAll(".card.failed").length;
-  return `${done} image${done === 1 ? "" : "s"} classified${failed ? `, ${failed} refused` : ""}.`;
+  const waiting = cards.querySelectorAll(".card[aria-busy]").length;
+  const refused = failed ? `, ${failed} refused` : "";
+  return `${done} image${done === 1 ? "" : "s"} classified${refused}${waiting ? `, ${waiting} waiting` : ""}.`;
 }
 
 function isImageFile(file) {
