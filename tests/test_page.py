@@ -278,6 +278,60 @@ def test_with_a_token_set_the_page_asks_for_it_and_a_wrong_one_shows_the_401_mes
     assert not tab.unexplained_errors()
 
 
+def test_a_401_while_the_token_dialog_is_open_keeps_the_typing_and_every_image_gets_answered(
+    token_server, visit, tmp_path
+):
+    paths = write_files(tmp_path, {f"{n}.png": image_bytes(seed=30 + n) for n in range(4)})
+    bearer = f"Bearer {TOKEN}"
+    expected = [predict(token_server.url, [p], Authorization=bearer).json() for p in paths]
+    message = predict(token_server.url, paths[:1]).json()["error"]["message"]
+    tab = visit(token_server.url)
+    dialog = tab.page.locator("#token-dialog")
+    field = tab.page.get_by_label("Token", exact=True)
+    waiting = """(count) => [...document.querySelectorAll('.card .pending')]
+        .filter((p) => p.textContent === 'Waiting for the token…').length === count"""
+
+    for path in paths[:3]:  # three requests, one after another, each refused for want of a token
+        upload(tab, [path])
+    dialog.wait_for(state="visible")
+    field.press_sequentially("wro")
+    refused = tab.page.expect_response(
+        lambda r: "/predict" in r.url and r.status == 401, timeout=SHOWN_WITHIN_MS
+    )
+    with refused:
+        upload(tab, [paths[3]])  # one more, refused while the user types
+    tab.page.wait_for_function(waiting, arg=4, timeout=SHOWN_WITHIN_MS)
+    assert dialog.is_visible()
+    assert field.input_value() == "wro", "a 401 while the dialog is open keeps what was typed"
+    field.press_sequentially("ng")
+    carrying = tab.page.expect_request(
+        lambda r: "/predict" in r.url and r.headers.get("authorization") == "Bearer wrong"
+    )
+    with carrying:
+        tab.page.get_by_role("button", name="Use this token").click()
+
+    said = "document.querySelector('#token-error').textContent.startsWith('The service refused')"
+    tab.page.wait_for_function(said, timeout=SHOWN_WITHIN_MS)
+    tab.page.wait_for_function(waiting, arg=4, timeout=SHOWN_WITHIN_MS)  # all four asked again
+    assert dialog.is_visible()
+    assert message in tab.page.inner_text("#token-error")
+    assert field.input_value() == ""
+    field.fill(TOKEN)
+    tab.page.get_by_role("button", name="Use this token").click()
+    wait_answered(tab, 4)
+    for path, answer in zip(paths, expected, strict=True):
+        labels = [
+            bar.inner_text() for bar in card_named(tab, path.name).query_selector_all(".bar .label")
+        ]
+        assert labels == [top["label"] for top in answer["predictions"][0]["top"]], path.name
+    assert "4 images classified." in tab.page.inner_text("#summary")
+    assert not dialog.is_visible()
+    assert tab.page.evaluate("sessionStorage.getItem('cnn-serving.token')") == TOKEN
+    assert tab.refused == [401] * 8, "four without a token, four after the wrong one"
+    assert sum("/predict" in url for url in tab.requests) == 12
+    assert not tab.unexplained_errors()
+
+
 def metric_text(visit: Visit, element: str) -> str:
     return visit.page.inner_text(f"#metric-{element}")
 
