@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/split.py
 	$(BIN)/python bench/grpc_vs_rest.py
+	$(BIN)/python bench/explain.py
 	$(BIN)/python bench/peer.py
 
 # Known-vulnerability audit of the installed dependencies; needs the PyPI JSON API or OSV,

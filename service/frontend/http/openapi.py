@@ -163,6 +163,7 @@ _INFER_STATUSES = (400, 401, 404, 408, 413, 415, 500, 503, 504)
 
 def _predict(names: list[str], versions: list[str]) -> dict:
     top_k = {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1}}
+    explain = {"name": "explain", "in": "query", "schema": {"type": "string", "enum": ["gradcam"]}}
     model = {"name": "model", "in": "query", "schema": {"type": "string", "enum": names}}
     version = {"name": "version", "in": "query", "schema": {"type": "string", "enum": versions}}
     image = {"schema": BINARY}
@@ -193,7 +194,7 @@ def _predict(names: list[str], versions: list[str]) -> dict:
         "forward pass) and in all: read;dur=0.41, model;dur=6.20, total;dur=7.05",
     }
     responses["200"]["headers"] = {"Server-Timing": timing}
-    query = [top_k, model, version] if names else [top_k]
+    query = [top_k, explain, model, version] if names else [top_k, explain]
     return _post("Classify images", query, body, responses)
 
 

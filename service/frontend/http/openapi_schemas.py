@@ -87,6 +87,18 @@ SCHEMAS: dict[str, dict] = {
                                 "required": ["label", "probability"],
                             },
                         },
+                        "explanation": {
+                            "description": "With ?explain=gradcam: the Grad-CAM heatmap of "
+                            "the top class, a grayscale PNG at the model's input size",
+                            "type": "object",
+                            "properties": {
+                                "method": {"type": "string", "enum": ["gradcam"]},
+                                "layer": {"type": "string"},
+                                "class": {"type": "string"},
+                                "heatmap": {"type": "string", "contentEncoding": "base64"},
+                            },
+                            "required": ["method", "layer", "class", "heatmap"],
+                        },
                     },
                     "required": ["label", "probability", "probabilities", "top"],
                 },
