@@ -8,18 +8,29 @@ With PAGE_SCREENSHOT=<path> the three-image test also saves the page there (make
 from __future__ import annotations
 
 import base64
+import io
 import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from service.frontend.http.page import assets as page_files
-from tests.conftest import ROOT, free_port, image_bytes, start_server, unavailable
+from tests.conftest import (
+    LABELS,
+    ROOT,
+    free_port,
+    image_bytes,
+    start_server,
+    unavailable,
+    write_model,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +80,27 @@ def limited_server(tmp_path_factory, model_dir):
         MAX_IMAGES_PER_REQUEST="2",
         METRICS_PORT=str(free_port()),
     )
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def flat_server(tmp_path_factory):
+    """Start a server of a model without a convolution layer: it classifies, but has no
+    Grad-CAM to give."""
+    import keras
+
+    flat = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(len(LABELS)),
+            keras.layers.Activation("softmax"),
+        ]
+    )
+    folder = tmp_path_factory.mktemp("page-flat")
+    write_model(folder / "flat" / "1", flat, LABELS)
+    started = start_server(folder / "flat", folder)
     yield started
     started.stop()
 
@@ -134,10 +166,15 @@ def write_files(folder: Path, files: dict[str, bytes]) -> list[Path]:
     return paths
 
 
-def predict(url: str, paths: list[Path], **headers: str) -> requests.Response:
+def predict(url: str, paths: list[Path], query: str = "", **headers: str) -> requests.Response:
     """Ask /predict directly about the files, all in one multipart request."""
     parts = [(path.name, (path.name, path.read_bytes())) for path in paths]
-    return requests.post(url + "/predict", files=parts, headers=headers, timeout=30)
+    return requests.post(f"{url}/predict{query}", files=parts, headers=headers, timeout=30)
+
+
+def predict_requests(visit: Visit) -> list[dict[str, list[str]]]:
+    """Return the query parameters of each /predict request the page made, in order."""
+    return [parse_qs(urlsplit(url).query) for url in visit.requests if "/predict" in url]
 
 
 def upload(visit: Visit, paths: list[Path]) -> None:
@@ -206,6 +243,8 @@ def test_three_uploaded_images_show_the_labels_and_probabilities_of_predict(serv
         "triangle" in card_named(tab, EXAMPLES[0].name).query_selector(".distribution").inner_text()
     )
     assert sum("/predict" in url for url in tab.requests) == 1, "three images, one request"
+    assert "explain" not in predict_requests(tab)[0], "the Explain switch starts off"
+    assert not tab.page.query_selector_all(".heatmap, .explanation:not([hidden])")
     if os.environ.get("PAGE_SCREENSHOT"):
         tab.page.wait_for_function(
             "document.querySelectorAll('#chart-rate rect').length > 0", timeout=SHOWN_WITHIN_MS
@@ -454,4 +493,142 @@ def test_dropped_and_pasted_images_are_classified(server, visit):
     names = [card.query_selector(".name").inner_text() for card in cards]
     assert names[1] == "dropped.png" and names[0].startswith("pasted ")
     assert all(card.query_selector_all(".bar") for card in cards)
+    assert not tab.unexplained_errors()
+
+
+def heatmap_pixels(b64_png: str) -> np.ndarray:
+    """Return a /predict explanation's heatmap as a grayscale array."""
+    image = Image.open(io.BytesIO(base64.b64decode(b64_png)))
+    assert image.mode == "L"
+    return np.asarray(image)
+
+
+# The overlay's pixels as the browser decoded them: drawn at its own size, without the
+# page's colouring (a canvas ignores CSS filters); the red channel of an opaque grey image.
+OVERLAY_PIXELS = """(img) => {
+    const canvas = Object.assign(document.createElement("canvas"), {
+        width: img.naturalWidth, height: img.naturalHeight });
+    const context = canvas.getContext("2d");
+    context.drawImage(img, 0, 0);
+    const { data } = context.getImageData(0, 0, canvas.width, canvas.height);
+    return { width: canvas.width, height: canvas.height,
+             red: Array.from(data.filter((_, i) => i % 4 === 0)),
+             opaque: data.every((v, i) => i % 4 !== 3 || v === 255) };
+}"""
+
+
+def rendered(element, size: tuple[int, int]) -> np.ndarray:
+    """Return a screenshot of an element, resized (box) to `size`, as float RGB."""
+    image = Image.open(io.BytesIO(element.screenshot())).convert("RGB")
+    return np.asarray(image.resize(size, Image.Resampling.BOX), dtype=np.float64)
+
+
+def test_with_explain_on_each_card_lays_the_servers_heatmap_over_its_thumbnail(
+    server, visit, tmp_path
+):
+    (wide,) = write_files(tmp_path, {"wide.png": image_bytes((48, 24), seed=7)})
+    paths = [*EXAMPLES, wide]
+    plain = predict(server.url, paths).json()["predictions"]
+    expected = predict(server.url, paths, "?explain=gradcam").json()["predictions"]
+    tab = visit(server.url)
+    switch = tab.page.get_by_role("switch", name="Explain")
+    assert not switch.is_checked()
+    switch.focus()
+    tab.page.keyboard.press("Space")  # the keyboard works the switch
+    assert switch.is_checked()
+
+    upload(tab, paths)
+    wait_answered(tab, len(paths))
+    (sent,) = predict_requests(tab)
+    assert sent["explain"] == ["gradcam"]
+    for path, answer, unexplained in zip(paths, expected, plain, strict=True):
+        about = answer["explanation"]
+        assert about["class"] == answer["label"] == unexplained["label"]
+        card = card_named(tab, path.name)
+        # The caption names the predicted class and the layer.
+        caption = f"Grad-CAM for {answer['label']}, layer {about['layer']}"
+        assert card.query_selector(".explanation").inner_text() == caption
+        (overlay,) = card.query_selector_all(".thumb img.heatmap")
+        assert overlay.get_attribute("title") == caption
+        assert answer["label"] in overlay.get_attribute("alt")
+        # Its pixels are the server's heatmap, as the browser decoded them.
+        heatmap = heatmap_pixels(about["heatmap"])
+        shown = overlay.evaluate(OVERLAY_PIXELS)
+        assert (shown["height"], shown["width"]) == heatmap.shape == (32, 32)
+        assert shown["opaque"]
+        assert np.array_equal(np.reshape(shown["red"], heatmap.shape), heatmap), path.name
+        # It covers the thumbnail exactly, smoothly scaled and coloured by the page's filter.
+        thumb = card.query_selector(".thumb img:not(.heatmap)")
+        box, under = overlay.bounding_box(), thumb.bounding_box()
+        for key in ("x", "y", "width", "height"):
+            assert box[key] == pytest.approx(under[key], abs=0.5), (path.name, key)
+        with Image.open(path) as image:
+            width, height = image.size
+        assert box["width"] / box["height"] == pytest.approx(width / height, rel=0.03)
+        assert max(box["width"], box["height"]) > 2 * heatmap.shape[0], "scaled up"
+        style = overlay.evaluate(
+            "(img) => { const s = getComputedStyle(img);"
+            " return [s.filter, s.imageRendering, s.objectFit]; }"
+        )
+        assert style == ['url("#heat")', "auto", "fill"]
+
+        # Laid over the preview: warmer where the heatmap is hot, untouched where it is cold.
+        picture = card.query_selector(".picture")
+        with_overlay = rendered(picture, heatmap.shape[::-1])
+        overlay.evaluate("(img) => { img.hidden = true; }")
+        without = rendered(picture, heatmap.shape[::-1])
+        overlay.evaluate("(img) => { img.hidden = false; }")
+        change = np.abs(with_overlay - without).sum(axis=2)
+        hot, cold = heatmap >= 192, heatmap <= 8
+        assert hot.any()
+        assert change[hot].mean() > 30, path.name
+        if cold.any():
+            assert change[cold].mean() < change[hot].mean() / 3, path.name
+        warmth = with_overlay[..., 0] - with_overlay[..., 2]
+        assert warmth[hot].mean() > (without[..., 0] - without[..., 2])[hot].mean() + 20
+
+    # Switched off (by the keyboard again): no explain asked, no overlay on the new card; the
+    # explained cards keep theirs.
+    switch.focus()
+    tab.page.keyboard.press("Space")
+    assert not switch.is_checked()
+    (again,) = write_files(tmp_path, {"again.png": image_bytes(seed=8)})
+    upload(tab, [again])
+    wait_answered(tab, len(paths) + 1)
+    assert "explain" not in predict_requests(tab)[-1]
+    card = card_named(tab, "again.png")
+    assert card.query_selector_all(".bar")
+    assert not card.query_selector_all(".heatmap")
+    assert card.query_selector(".explanation").is_hidden()
+    assert len(tab.page.query_selector_all(".card .heatmap")) == len(paths)
+    assert not tab.unexplained_errors()
+
+
+def test_explain_on_a_model_without_a_convolution_shows_the_services_400_in_the_cards(
+    flat_server, visit, tmp_path
+):
+    paths = write_files(tmp_path, {f"{n}.png": image_bytes(seed=40 + n) for n in range(2)})
+    refused = predict(flat_server.url, paths[:1], "?explain=gradcam")
+    assert refused.status_code == 400
+    message = refused.json()["error"]["message"]
+    assert "has no convolution layer" in message
+    tab = visit(flat_server.url)
+    tab.page.get_by_role("switch", name="Explain").check()
+    upload(tab, paths)
+    wait_answered(tab, 2)
+    for path in paths:
+        card = card_named(tab, path.name)
+        shown = card.query_selector(".error").inner_text()
+        assert message in shown and "HTTP 400" in shown
+        assert not card.query_selector_all(".bar, .heatmap")
+    assert "0 images classified, 2 refused" in tab.page.inner_text("#summary")
+    assert [q["explain"] for q in predict_requests(tab)] == [["gradcam"]] * 3, "both, then each"
+    assert tab.refused == [400] * 3
+
+    tab.page.get_by_role("switch", name="Explain").uncheck()  # the same images, unexplained
+    upload(tab, paths)
+    wait_answered(tab, 4)
+    assert all(c.query_selector_all(".bar") for c in tab.page.query_selector_all(".card.done"))
+    assert len(tab.page.query_selector_all(".card.done")) == 2
+    assert "explain" not in predict_requests(tab)[-1]
     assert not tab.unexplained_errors()

@@ -1,5 +1,6 @@
 // One card per image: its preview, then the model's answer (top-k bars, every class on
-// demand, timings) or the service's message about it.
+// demand, timings, the Grad-CAM heatmap over the preview when asked) or the service's message
+// about it.
 
 import { $ } from "./api.js";
 
@@ -15,6 +16,9 @@ export function newCard(file) {
   img.src = URL.createObjectURL(file);
   img.alt = `Preview of ${file.name}`;
   img.addEventListener("load", () => {
+    // The picture takes the image's shape, so that a heatmap laid over it covers the image
+    // as the model saw it (stretched to its input), not the letterbox around it.
+    $(".picture", card).style.setProperty("--ratio", String(img.naturalWidth / img.naturalHeight));
     $(".meta", card).textContent = `${img.naturalWidth} × ${img.naturalHeight} px, ${size(file.size)}`;
   });
   img.addEventListener("error", () => {
@@ -50,6 +54,27 @@ export function showPrediction(card, answer, prediction, timing) {
   const took = "total" in server ? `; the server took ${ms(server.total)} (${parts.join(", ")})` : "";
   $(".timing", card).textContent =
     `${answer.model.name} v${answer.model.version}. Round trip ${ms(timing.roundTrip)}${shared}${took}.`;
+  if (prediction.explanation) showExplanation(card, prediction.explanation);
+}
+
+/**
+ * Lay an explanation's heatmap (a grayscale PNG at the model's input size, white where the
+ * evidence for its class is strongest) over the card's preview, scaled smoothly to it and
+ * coloured by the page's #heat filter, and say what it shows.
+ */
+function showExplanation(card, explanation) {
+  const method = explanation.method === "gradcam" ? "Grad-CAM" : explanation.method;
+  const about = `${method} for ${explanation.class}, layer ${explanation.layer}`;
+  const heatmap = Object.assign(document.createElement("img"), {
+    className: "heatmap",
+    src: `data:image/png;base64,${explanation.heatmap}`,
+    alt: `${about}: warmest where the evidence for ${explanation.class} is strongest`,
+    title: about,
+  });
+  $(".picture", card).append(heatmap);
+  const caption = $(".explanation", card);
+  caption.textContent = about;
+  caption.hidden = false;
 }
 
 /** Say what the card's image waits for: the model, or the token the service asks for. */
@@ -66,7 +91,7 @@ export function showError(card, message) {
 
 /** Forget every card and its preview. */
 export function clearCards(list) {
-  for (const img of list.querySelectorAll("img")) URL.revokeObjectURL(img.src);
+  for (const img of list.querySelectorAll("img:not(.heatmap)")) URL.revokeObjectURL(img.src);
   list.replaceChildren();
 }
 

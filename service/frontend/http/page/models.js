@@ -1,5 +1,5 @@
 // The models served, from /readyz (versions, states, input sizes, devices) and V2 model
-// metadata (class labels); the model, version and top-k a request asks for.
+// metadata (class labels); the model, version, top-k and explanation a request asks for.
 
 import { $, call } from "./api.js";
 
@@ -13,13 +13,14 @@ export function watchModels() {
   setInterval(loadModels, REFRESH_EVERY_MS);
 }
 
-/** Return the /predict URL of the chosen model, version and top-k. */
+/** Return the /predict URL of the chosen model, version and top-k, and explain if switched on. */
 export function predictUrl() {
   const query = new URLSearchParams();
   if ($("#model").value) query.set("model", $("#model").value);
   if ($("#version").value) query.set("version", $("#version").value);
   const topK = Number.parseInt($("#top-k").value, 10);
   if (topK >= 1) query.set("top_k", String(topK));
+  if ($("#explain").checked) query.set("explain", "gradcam");
   return `predict?${query}`;
 }
 
