@@ -39,14 +39,30 @@ def grpc_message(message: bytes) -> bytes:
     return b"\x00" + struct.pack(">I", len(message)) + message
 
 
-def stalled_call(
+def idle_connection(port: int) -> socket.socket:
+    """Open an HTTP/2 connection that says hello (preface and SETTINGS) and then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(PREFACE + frame(SETTINGS, 0, 0, b""))
+    return sock
+
+
+def unfinished_call(
     port: int, path: str, message: bytes, metadata: list[tuple[str, str]]
 ) -> socket.socket:
-    """Open a connection that sends one call to `path` and can receive no answer (its window
-    is 0 and it never reads); return its socket, for the caller to close."""
+    """Open a connection that starts one call and sends half of its message, never the rest."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    settings = struct.pack(">HI", INITIAL_WINDOW_SIZE, 0)
-    headers = b"".join(
+    framed = grpc_message(message)
+    sock.sendall(
+        PREFACE
+        + frame(SETTINGS, 0, 0, b"")
+        + frame(HEADERS, END_HEADERS, 1, _headers(port, path, metadata))
+        + frame(DATA, 0, 1, framed[: len(framed) // 2])
+    )
+    return sock
+
+
+def _headers(port: int, path: str, metadata: list[tuple[str, str]]) -> bytes:
+    return b"".join(
         _literal(name, value)
         for name, value in [
             (":method", "POST"),
@@ -58,10 +74,19 @@ def stalled_call(
             *metadata,
         ]
     )
+
+
+def stalled_call(
+    port: int, path: str, message: bytes, metadata: list[tuple[str, str]]
+) -> socket.socket:
+    """Open a connection that sends one call to `path` and can receive no answer (its window
+    is 0 and it never reads); return its socket, for the caller to close."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    settings = struct.pack(">HI", INITIAL_WINDOW_SIZE, 0)
     sock.sendall(
         PREFACE
         + frame(SETTINGS, 0, 0, settings)
-        + frame(HEADERS, END_HEADERS, 1, headers)
+        + frame(HEADERS, END_HEADERS, 1, _headers(port, path, metadata))
         + frame(DATA, END_STREAM, 1, grpc_message(message))
     )
     return sock

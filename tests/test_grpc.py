@@ -27,7 +27,7 @@ from tests.conftest import (
     make_cnn,
     start_server,
 )
-from tests.grpc_raw import stalled_call
+from tests.grpc_raw import idle_connection, stalled_call, unfinished_call
 from tests.load import samples, scrape
 
 pytestmark = pytest.mark.slow
@@ -443,3 +443,26 @@ def test_explain_parameter_adds_each_images_gradcam(stub, cnn, classifier):
     request.parameters["explain"].string_param = "lime"
     error = grpc_error(stub.ModelInfer, request, metadata=BEARER)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_thousands_of_idle_and_slow_clients_starve_no_one(server, stub, cnn, classifier):
+    request = image_request(distinct_images(1)).SerializeToString()
+    sockets = [idle_connection(server.grpc_port) for _ in range(2000)]
+    # Calls whose message never finishes arriving: none reaches a request thread.
+    sockets += [
+        unfinished_call(server.grpc_port, INFER, request, BEARER) for _ in range(THREADS * 50)
+    ]
+    try:
+        data = distinct_images(3)[2]
+        expected = expected_probabilities(cnn, data, classifier.info.spec)
+        for _ in range(10):
+            answer = stub.ModelInfer(image_request([data]), metadata=BEARER, timeout=30)
+            got = np.asarray(answer.outputs[0].contents.fp32_contents)
+            np.testing.assert_allclose(got, expected, atol=1e-5)
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            status = check(health_pb2.HealthCheckRequest(service=""), timeout=30).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for sock in sockets:
+            sock.close()

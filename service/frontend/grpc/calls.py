@@ -3,11 +3,14 @@ the one place where typed errors become gRPC status codes.
 
 Each method is registered with raw bytes in and out, so that a message that is not valid
 protobuf is this code's INVALID_ARGUMENT, not grpcio's INTERNAL; bad input never ends as
-UNKNOWN or INTERNAL.
+UNKNOWN or INTERNAL. The server is grpcio's asyncio one: a call waits for its whole message
+in the event loop, and takes one of the request threads only for its work, so clients that
+send slowly, or never finish, hold no thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import itertools
 import logging
@@ -15,6 +18,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,12 +96,15 @@ def trailers(error: ServiceError) -> list[tuple[str, str]]:
 class Methods:
     """Builds the handlers of one service's unary methods around their shared rules."""
 
-    def __init__(self, service: str, token: str, timeout_s: float) -> None:
-        """Serve methods of `service` (its full name), asking for `token` where told to,
-        capping each client's deadline at `timeout_s`."""
+    def __init__(
+        self, service: str, token: str, timeout_s: float, threads: ThreadPoolExecutor
+    ) -> None:
+        """Serve methods of `service` (its full name) on `threads`, asking for `token` where
+        told to, capping each client's deadline at `timeout_s`."""
         self.service = service
         self.token = token
         self.timeout_s = timeout_s
+        self.threads = threads
         self.handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def unary(
@@ -112,37 +119,44 @@ class Methods:
         its errors answered with their status; `before` runs first (a catalogue refresh)."""
         endpoint = f"/{self.service}/{name}"
 
-        def handle(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        def work(raw: bytes, call: Call) -> bytes:
+            if before is not None:
+                before()
+            try:
+                request = request_type.FromString(raw)
+            except DecodeError:
+                raise InvalidRequest(
+                    f"the request is not a valid {request_type.DESCRIPTOR.full_name} message"
+                ) from None
+            return method(request, call).SerializeToString()
+
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
             arrived = time.monotonic()
             request_id = _request_id(context)
             code = grpc.StatusCode.OK
             context.set_trailing_metadata([("x-request-id", request_id)])
             try:
-                if before is not None:
-                    before()
-                try:
-                    request = request_type.FromString(raw)
-                except DecodeError:
-                    raise InvalidRequest(
-                        f"the request is not a valid {request_type.DESCRIPTOR.full_name} message"
-                    ) from None
                 if authorized:
                     self._authorize(context)
                 remaining = context.time_remaining()
                 timeout_s = self.timeout_s if remaining is None else min(remaining, self.timeout_s)
                 call = Call(arrived + max(0.0, timeout_s), request_id, started)
-                return method(request, call).SerializeToString()
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self.threads, work, raw, call)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED  # the client left, or the server stops
+                raise
             except ServiceError as error:
                 code = status_of(error)
                 _count_error(error.code, error.message, code, endpoint, request_id)
                 context.set_trailing_metadata([("x-request-id", request_id), *trailers(error)])
-                context.abort(code, error.message)
+                await context.abort(code, error.message)
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("unhandled error", extra={"request_id": request_id})
                 metrics.ERRORS.labels("internal", metrics.GRPC).inc()
-                context.abort(code, f"internal error (request id {request_id})")
+                await context.abort(code, f"internal error (request id {request_id})")
             finally:
                 metrics.REQUEST_LATENCY.labels(metrics.GRPC, endpoint, code.name).observe(
                     time.perf_counter() - started
@@ -155,7 +169,7 @@ class Methods:
         """Return the handler that serves every method registered."""
         return grpc.method_handlers_generic_handler(self.service, self.handlers)
 
-    def _authorize(self, context: grpc.ServicerContext) -> None:
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if not self.token:
             return
         supplied = dict(context.invocation_metadata()).get("authorization", "")
@@ -166,7 +180,7 @@ class Methods:
             raise Unauthorized("a valid 'authorization: Bearer <token>' metadata is required")
 
 
-def _request_id(context: grpc.ServicerContext) -> str:
+def _request_id(context: grpc.aio.ServicerContext) -> str:
     supplied = str(dict(context.invocation_metadata()).get("x-request-id", ""))
     if _REQUEST_ID.match(supplied):
         return supplied

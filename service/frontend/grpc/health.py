@@ -3,13 +3,16 @@
 The service "" (and "inference.GRPCInferenceService") is the server: SERVING while /readyz
 would say 200. A model's name is that model: SERVING while some version of it takes
 predictions. Any other name is NOT_FOUND (Check) or SERVICE_UNKNOWN (Watch), as the health
-protocol says. Watch holds a request thread, so at most half of them may watch.
+protocol says. A Watch looks again every half second, on a request thread for a moment; at
+most WATCHES of them at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2 as pb
@@ -26,23 +29,26 @@ SERVICE = "grpc.health.v1.Health"
 SERVING = pb.HealthCheckResponse.SERVING
 NOT_SERVING = pb.HealthCheckResponse.NOT_SERVING
 UNKNOWN = pb.HealthCheckResponse.SERVICE_UNKNOWN
-# How often a Watch looks again.
+# How often a Watch looks again, and how many may watch at once.
 WATCH_S = 0.5
+WATCHES = 64
 
 
 class HealthService:
     """Check, List and Watch over one front end's view of the runners."""
 
-    def __init__(self, catalogue: Catalogue, models: Models[RemoteVersion], threads: int) -> None:
-        """Answer from `catalogue` and `models`; let half of `threads` watch."""
+    def __init__(self, catalogue: Catalogue, models: Models[RemoteVersion]) -> None:
+        """Answer from `catalogue` and `models`."""
         self.catalogue = catalogue
         self.models = models
-        self._watchers = threading.BoundedSemaphore(max(1, threads // 2))
+        self._watchers = threading.BoundedSemaphore(WATCHES)
         self._closed = threading.Event()
+        self._threads: ThreadPoolExecutor | None = None
 
-    def methods(self) -> Methods:
-        """Return Check and List (Watch streams: see `watch_handler`)."""
-        methods = Methods(SERVICE, token="", timeout_s=1.0)
+    def methods(self, threads: ThreadPoolExecutor) -> Methods:
+        """Return Check, List and Watch, run on `threads`."""
+        self._threads = threads
+        methods = Methods(SERVICE, token="", timeout_s=1.0, threads=threads)
         methods.unary("Check", pb.HealthCheckRequest, self.check, before=self.catalogue.refresh)
         methods.unary("List", pb.HealthListRequest, self.list, before=self.catalogue.refresh)
         methods.handlers["Watch"] = grpc.unary_stream_rpc_method_handler(
@@ -81,23 +87,26 @@ class HealthService:
             response.statuses[service].status = self.status(service)
         return response
 
-    def watch(
-        self, request: pb.HealthCheckRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.HealthCheckResponse]:
+    async def watch(
+        self, request: pb.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.HealthCheckResponse]:
         """Send the service's status now and at each change, until the client leaves."""
         if not self._watchers.acquire(blocking=False):
             error = Overloaded("too many health watches at once; use Check, or retry later")
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.message)
-        left = threading.Event()  # the client cancelled, or the call ended
-        context.add_callback(left.set)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.message)
+        loop = asyncio.get_running_loop()
+
+        def look() -> int:
+            self.catalogue.refresh()
+            return self.status(request.service)
+
         try:
             last = None
-            while not left.is_set() and not self._closed.is_set():
-                self.catalogue.refresh()
-                status = self.status(request.service)
+            while not self._closed.is_set():
+                status = await loop.run_in_executor(self._threads, look)
                 if status != last:
                     yield pb.HealthCheckResponse(status=status)
                     last = status
-                left.wait(WATCH_S)
+                await asyncio.sleep(WATCH_S)
         finally:
             self._watchers.release()

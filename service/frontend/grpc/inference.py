@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version as package_version
 
 from tritonclient.grpc import service_pb2 as pb
@@ -45,9 +46,10 @@ class InferenceService:
         self.catalogue = catalogue
         self.models = models
 
-    def methods(self) -> Methods:
-        """Return the service's methods, ready to be added to a server."""
-        methods = Methods(SERVICE, self.settings.bearer_token, self.settings.request_timeout_s)
+    def methods(self, threads: ThreadPoolExecutor) -> Methods:
+        """Return the service's methods, run on `threads`, ready to be added to a server."""
+        settings = self.settings
+        methods = Methods(SERVICE, settings.bearer_token, settings.request_timeout_s, threads)
         # Before any lookup: a version a runner has published is seen by every call after.
         refresh = self.catalogue.refresh
         methods.unary("ServerLive", pb.ServerLiveRequest, self.server_live)

@@ -8,10 +8,10 @@ are still answered, then it takes no new call and answers those it holds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 # RESOURCE_EXHAUSTED. No cap per connection: grpcio's server answers streams over such a cap
 # with RST_STREAM (REFUSED_STREAM), which its own client then fails as UNAVAILABLE.
 CALLS_PER_QUEUED_IMAGE = 4
-# Idle and slow clients cost a socket and a little memory in grpcio's core, never a thread:
-# a call reaches a thread only once its whole message has arrived. Dead peers are found by
+# Idle and slow clients cost a socket and a little memory, never a thread: a call takes a
+# request thread only once its whole message has arrived. Dead peers are found by
 # pings every 60 s (20 s to answer); a connection idle 5 minutes is closed with GOAWAY; a
 # client may ping no more often than every 10 s, nor without calls (as grpc-go's defaults).
 OPTIONS = [
@@ -56,10 +56,10 @@ OPTIONS = [
 
 def build(settings: Settings, catalogue: Catalogue, models: Models[RemoteVersion]):
     """Return the gRPC server (not yet bound) and its health service."""
-    # Calls wait here for a request thread (THREADS, as an HTTP worker has) once they have
-    # arrived whole.
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="grpc"),
+    # The calls' work runs on THREADS request threads, as an HTTP worker's does; each call
+    # waits for its whole message in the event loop first, holding none of them.
+    threads = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="grpc")
+    server = grpc.aio.server(
         options=[
             *OPTIONS,
             ("grpc.max_receive_message_length", settings.max_body_bytes),
@@ -67,9 +67,9 @@ def build(settings: Settings, catalogue: Catalogue, models: Models[RemoteVersion
         ],
         maximum_concurrent_rpcs=settings.max_queue * CALLS_PER_QUEUED_IMAGE,
     )
-    health = HealthService(catalogue, models, settings.threads)
+    health = HealthService(catalogue, models)
     inference = InferenceService(settings, catalogue, models)
-    for methods in (inference.methods(), health.methods()):
+    for methods in (inference.methods(threads), health.methods(threads)):
         server.add_generic_rpc_handlers((methods.generic_handler(),))
     # grpcurl and Postman list and call the services from the server itself.
     reflection.enable_server_reflection((INFERENCE, HEALTH, reflection.SERVICE_NAME), server)
@@ -86,6 +86,13 @@ def main() -> int:
     catalogue = Catalogue(settings, client, models)
     catalogue.refresh(retry=True)
     catalogue.start()
+    try:
+        return asyncio.run(_serve(settings, catalogue, models))
+    finally:
+        catalogue.close()
+
+
+async def _serve(settings: Settings, catalogue: Catalogue, models: Models[RemoteVersion]) -> int:
     # On the server's first start, nothing but one line reaches stderr if the port cannot
     # be bound (grpcio's core logs its own lines of it).
     quiet = logs.QuietStart() if os.environ.get(FIRST_START_ENV) else None
@@ -104,20 +111,19 @@ def main() -> int:
             log.error(line)
         say_bound(False)
         return 1
-    server.start()
+    await server.start()
     say_bound(True)
     if quiet is not None:
         quiet.succeeded()
     log.info("gRPC front end listening on %s", address)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master's SIGHUP is for the runners
-    while not stop.wait(1.0):
-        pass
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master's SIGHUP is for runners
+    await stop.wait()
     catalogue.drain()
-    threading.Event().wait(settings.drain_s)
+    await asyncio.sleep(settings.drain_s)
     health.close()
     log.info("gRPC drain over: taking no more calls, answering those accepted")
-    server.stop(grace=settings.request_lifetime_s).wait()
-    catalogue.close()
+    await server.stop(grace=settings.request_lifetime_s)
     return 0
