@@ -9,7 +9,7 @@ EXTRAS ?= cpu,train,dev
 DEMO_MODEL := models/shapes
 PORT ?= 8080
 
-.PHONY: install run test lint bench audit demo-model screenshot clean
+.PHONY: install run test lint bench audit demo-model screenshot docs clean
 
 # The stamp depends on pyproject.toml, so a changed dependency list reinstalls.
 $(BIN)/.installed-$(EXTRAS): pyproject.toml
@@ -55,6 +55,11 @@ audit: install
 # uploads three images (Debian's chromium, as in CI), so that it shows the page as it is.
 screenshot: install
 	PAGE_SCREENSHOT=docs/page.png $(BIN)/python -m pytest -q tests/test_page.py -k three_uploaded
+
+# The docs site (mkdocs.yml, docs/) at http://127.0.0.1:8000, rebuilt on every save; the tests
+# build it with --strict (tests/test_docs.py).
+docs: install
+	$(BIN)/mkdocs serve
 
 lint: install
 	$(BIN)/ruff check .

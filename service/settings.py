@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from model_folder.errors import ModelFolderError
@@ -25,78 +25,210 @@ class SettingsError(ValueError):
     """An environment variable holds a value the service cannot use."""
 
 
+def doc(meaning: str, *, default_doc: str | None = None) -> dict[str, str]:
+    """Return a Settings field's metadata: what the field means, and, where its literal default
+    alone would mislead (0 or empty standing for a value worked out at start), the default
+    column's text. Both are Markdown for docs/configuration.md, which service/settings_docs.py
+    makes of them: links are relative to docs/."""
+    return {"doc": meaning} if default_doc is None else {"doc": meaning, "default_doc": default_doc}
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of the service; the env var of a field is its name in upper case."""
+    """Every knob of the service; the env var of a field is its name in upper case.
 
-    # One model: a model folder, or a folder of its numbered versions (default models/shapes).
-    model_dir: str = ""
-    # A folder of models, each sub-folder one model (named by it): a model folder, or a folder
-    # of numbered versions. Set this or MODEL_DIR, not both.
-    model_repository: str = ""
-    # Which versions of each model to serve: latest, latest:N, all or specific:V1,V2; a model's
-    # config.json may say otherwise for that model.
-    model_version_policy: str = "latest"
-    # Seconds between scans for new, changed or removed versions; 0: only on SIGHUP.
-    model_poll_s: float = 5.0
-    # Keras's backend in the workers: tensorflow or jax. The same model files load into
-    # either, and the answers agree within 1e-5.
-    keras_backend: str = "tensorflow"
-    # Address and port gunicorn binds.
-    host: str = "0.0.0.0"
-    port: int = 8080
-    # Port of a separate /metrics listener (on HOST); 0: /metrics is served on PORT.
-    metrics_port: int = 0
-    # Port of the gRPC front end (the Open Inference Protocol's GRPCInferenceService and
-    # grpc.health.v1, on HOST); 0: no gRPC.
-    grpc_port: int = 8081
-    # Gunicorn worker processes: they read requests and decode images, and hold no model;
-    # 0: one per CPU core this process may use (its affinity and cgroup quota).
-    workers: int = 0
-    # Request threads per worker: they parse and decode uploads while the batcher runs the model.
-    threads: int = 16
-    # Largest batch one forward pass takes; batches are padded up to powers of two below it.
-    # 0: the device's default (32 on a CPU, 128 on a GPU); any other value is used as given.
-    max_batch_size: int = 0
-    # Longest wait after a batch's first image for more images, and only while more are arriving.
-    max_batch_delay_ms: float = 5.0
-    # Images that may wait in a runner's queue of one version; past this, requests are shed
-    # with 503.
-    max_queue: int = 512
-    # Deadline of a request, from arrival to answer; a client may ask for less. A request whose
-    # batch is already running when it passes waits up to this long again for that batch.
-    request_timeout_s: float = 10.0
-    # Largest request body accepted, in bytes.
-    max_body_bytes: int = 16 * 1024 * 1024
-    # Largest image accepted, in pixels (width x height), checked before decoding.
-    max_image_pixels: int = 25_000_000
-    # Most images one request may carry.
-    max_images_per_request: int = 64
-    # Seconds a worker keeps serving after SIGTERM, answering /readyz with 503, before it stops.
-    drain_s: float = 1.0
-    # TensorFlow intra-op threads per runner; 0: the usable cores shared out among the runners.
-    tf_intra_op_threads: int = 0
-    # Bearer token required on /predict and /v1/models; empty means no authentication.
-    api_token: str = ""
-    # File holding the bearer token (e.g. a mounted Kubernetes secret); wins over api_token.
-    api_token_file: str = ""
-    # Python logging level of the service's JSON logs.
-    log_level: str = "INFO"
-    # Grad-CAM explanations (?explain=gradcam) a runner computes at once, on threads of their
-    # own beside the batchers; as many again may wait, and more are refused with 503.
-    explain_concurrency: int = 1
-    # An answer whose top-class probability is below this counts as low-confidence
-    # (cnn_low_confidence_total).
-    low_confidence: float = 0.5
-    # Classes per model version with a cnn_predicted_class_total series of their own: the
-    # most frequent; the rest are counted as class="other".
-    class_series: int = 50
-    # Runner processes, each holding every model and batching for all workers; 0: one per
-    # visible GPU, else one.
-    runners: int = 0
-    # A stand-in for Keras in the runners, "module:function" loading a classifier from
-    # (folder, settings, name, version): for tests and benchmarks only, never in production.
-    runtime: str = ""
+    Each field carries its documentation in its metadata (see `doc`): what it means, and where
+    the literal default alone would mislead, what that default amounts to. The configuration
+    reference (docs/configuration.md) is generated from it: `python -m service.settings_docs`.
+    """
+
+    model_dir: str = field(
+        default="",
+        metadata=doc(
+            "one model: a model folder, or a folder of its numbered versions (`1/`, `2/`, ...)",
+            default_doc=f"(empty): `{DEFAULT_MODEL_DIR}`, unless `MODEL_REPOSITORY` is set",
+        ),
+    )
+    model_repository: str = field(
+        default="",
+        metadata=doc(
+            "a folder of models, one sub-folder each, named by its model: a model folder, or a "
+            "folder of numbered versions (see "
+            "[Model versions](models.md#model-versions-and-hot-reload)); set this or "
+            "`MODEL_DIR`, not both"
+        ),
+    )
+    model_version_policy: str = field(
+        default="latest",
+        metadata=doc(
+            "which versions of each model to serve: `latest`, `latest:N`, `all` or "
+            "`specific:V1,V2` (e.g. `specific:1,3`); a model's `config.json` may say otherwise "
+            "for that model"
+        ),
+    )
+    model_poll_s: float = field(
+        default=5.0,
+        metadata=doc(
+            "seconds between scans for new, changed or removed versions; `0`: only on SIGHUP"
+        ),
+    )
+    keras_backend: str = field(
+        default="tensorflow",
+        metadata=doc(
+            "Keras's backend in the runners: `tensorflow`, or `jax` (one `jax.jit`-compiled "
+            "`stateless_call` per padded batch size, compiled ahead of time before ready; no "
+            "TensorFlow imported; on a CPU without XLA's YNNPACK fusions, see "
+            "[Performance](performance.md#levers-tried-in-the-second-round)). The same model "
+            "folder loads into either, and the answers agree within 1e-5 "
+            "(`tests/test_backends.py`)"
+        ),
+    )
+    host: str = field(
+        default="0.0.0.0",
+        metadata=doc("address to bind: of the HTTP front end, the gRPC one and `METRICS_PORT`"),
+    )
+    port: int = field(default=8080, metadata=doc("port of the HTTP front end (gunicorn)"))
+    metrics_port: int = field(
+        default=0,
+        metadata=doc(
+            "serve `/metrics` on this port of `HOST` instead (all workers merged, from the "
+            "gunicorn master); `0`: on `PORT`"
+        ),
+    )
+    grpc_port: int = field(
+        default=8081,
+        metadata=doc(
+            "port of the gRPC front end ([gRPC](api.md#grpc): the Open Inference Protocol's "
+            "`GRPCInferenceService` and `grpc.health.v1`, on `HOST`); `0`: no gRPC"
+        ),
+    )
+    workers: int = field(
+        default=0,
+        metadata=doc(
+            "gunicorn worker processes: they read requests and decode images, and hold no model",
+            default_doc="`0`: one per usable core (affinity, capped by the cgroup's CPU quota)",
+        ),
+    )
+    threads: int = field(
+        default=16,
+        metadata=doc(
+            "request threads per worker: they parse and decode uploads while the runners run "
+            "the model"
+        ),
+    )
+    max_batch_size: int = field(
+        default=0,
+        metadata=doc(
+            "most images in one forward pass; batches are padded up to powers of two below it; "
+            "any value but `0` is used as given, on either device",
+            default_doc="`0`: 32 on a CPU, 128 on a GPU",
+        ),
+    )
+    max_batch_delay_ms: float = field(
+        default=5.0,
+        metadata=doc(
+            "longest a batch waits after its first image for more, and only while more are "
+            "arriving (another request is being decoded)"
+        ),
+    )
+    max_queue: int = field(
+        default=512,
+        metadata=doc(
+            "images that may wait in a runner's queue of one version; beyond, requests are shed "
+            "with 503 and `Retry-After`"
+        ),
+    )
+    request_timeout_s: float = field(
+        default=10.0,
+        metadata=doc(
+            "deadline of a request, from when the app sees it: the body read, queue admission "
+            "and the wait for a batch all count against it; a client may ask for less. A "
+            "request whose batch is already running at its deadline waits up to this long "
+            "again for that batch"
+        ),
+    )
+    max_body_bytes: int = field(
+        default=16 * 1024 * 1024,
+        metadata=doc("largest request body accepted, in bytes (16 MiB)"),
+    )
+    max_image_pixels: int = field(
+        default=25_000_000,
+        metadata=doc("largest image accepted, in pixels (width x height), checked before decoding"),
+    )
+    max_images_per_request: int = field(
+        default=64,
+        metadata=doc("most images one request may carry; at most `MAX_QUEUE`"),
+    )
+    drain_s: float = field(
+        default=1.0,
+        metadata=doc(
+            "seconds a worker keeps serving after SIGTERM, answering `/readyz` with 503, "
+            "before it stops"
+        ),
+    )
+    tf_intra_op_threads: int = field(
+        default=0,
+        metadata=doc(
+            "TensorFlow intra-op threads per runner",
+            default_doc="`0`: the usable cores shared out among the runners",
+        ),
+    )
+    api_token: str = field(
+        default="",
+        metadata=doc(
+            "bearer token required to predict (`/predict`, `/v1/models/...`, "
+            "`/v2/models/.../infer`, gRPC `ModelInfer`); empty: no authentication"
+        ),
+    )
+    api_token_file: str = field(
+        default="",
+        metadata=doc(
+            "file holding the bearer token (e.g. a mounted Kubernetes secret); wins over "
+            "`API_TOKEN`; read at start, and a missing or empty file stops `cnn-serve`"
+        ),
+    )
+    log_level: str = field(
+        default="INFO",
+        metadata=doc("Python logging level of the service's JSON log lines on stderr"),
+    )
+    explain_concurrency: int = field(
+        default=1,
+        metadata=doc(
+            "Grad-CAM explanations (`?explain=gradcam`) a runner computes at once, on threads "
+            "of their own beside the batchers; as many again may wait, and more are refused "
+            "with 503"
+        ),
+    )
+    low_confidence: float = field(
+        default=0.5,
+        metadata=doc(
+            "an answer whose top class's probability is below this counts as low-confidence "
+            "(`cnn_low_confidence_total`); in (0, 1]"
+        ),
+    )
+    class_series: int = field(
+        default=50,
+        metadata=doc(
+            "classes per model version with a `cnn_predicted_class_total` series of their own: "
+            'the most frequent; the rest are counted as `class="other"`'
+        ),
+    )
+    runners: int = field(
+        default=0,
+        metadata=doc(
+            "runner processes, each holding every model and batching for all workers",
+            default_doc="`0`: one per visible GPU (`CUDA_VISIBLE_DEVICES`, else the driver's "
+            "devices), else one",
+        ),
+    )
+    runtime: str = field(
+        default="",
+        metadata=doc(
+            "tests and benchmarks only, never in production: a stand-in for Keras in the "
+            "runners, `module:function` loading a classifier from (folder, settings, name, "
+            "version)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         positive = (
@@ -158,11 +290,11 @@ class Settings:
         """Build settings from environment variables, then apply explicit overrides."""
         environ = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        for field in fields(cls):
-            raw = environ.get(field.name.upper())
+        for f in fields(cls):
+            raw = environ.get(f.name.upper())
             if raw is None or raw == "":
                 continue
-            values[field.name] = _parse(field.name, raw, type(getattr(cls, field.name)))
+            values[f.name] = _parse(f.name, raw, type(getattr(cls, f.name)))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import fields, make_dataclass
 from pathlib import Path
 
 import pytest
 
+from service import settings_docs
 from service.settings import Settings, SettingsError
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGURATION_DOC = ROOT / "docs" / "configuration.md"
 
 
 def test_environment_variables_set_fields_and_overrides_win():
@@ -112,3 +118,76 @@ def test_a_request_may_carry_as_many_images_as_the_queue_holds_but_no_more():
     assert Settings(max_queue=8, max_images_per_request=8).max_images_per_request == 8
     with pytest.raises(SettingsError, match="must not exceed MAX_QUEUE"):
         Settings(max_queue=8, max_images_per_request=9)
+
+
+def _table_rows(table: str) -> list[list[str]]:
+    """Return the cells of a Markdown table's rows, header and rule left out."""
+    lines = table.strip().splitlines()[2:]
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
+
+
+def test_every_setting_says_what_it_means():
+    assert settings_docs.undocumented(Settings) == []
+    for f in fields(Settings):
+        assert str(f.metadata.get("default_doc", "x")).strip(), f"{f.name}: blank default_doc"
+
+
+def test_a_setting_added_without_documentation_is_caught():
+    grown = make_dataclass("Grown", [("new_knob", int, 0)], bases=(Settings,), frozen=True)
+    assert settings_docs.undocumented(grown) == ["new_knob"]
+    with pytest.raises(LookupError, match="without documentation: new_knob"):
+        settings_docs.table(grown)
+
+
+def test_the_reference_lists_every_setting_once_in_field_order():
+    names = [row[0].strip("`") for row in _table_rows(settings_docs.table())]
+    others = [variable for variable, _, _ in settings_docs.OTHER_VARIABLES]
+    assert names == [f.name.upper() for f in fields(Settings)] + others
+    assert len(set(names)) == len(names)
+
+
+def test_the_reference_shows_the_defaults_settings_has():
+    shown = {row[0].strip("`"): row[1] for row in _table_rows(settings_docs.table())}
+    defaults = Settings()
+    for f in fields(Settings):
+        value = getattr(defaults, f.name)
+        literal = "(empty)" if value == "" else f"`{value}`"
+        if "default_doc" in f.metadata:
+            # What 0 or empty stands for may be told, but the real default comes first.
+            assert shown[f.name.upper()].startswith(f"{literal}:"), f.name
+        else:
+            assert shown[f.name.upper()] == literal, f.name
+
+
+def test_the_variables_read_outside_settings_are_read_by_the_service():
+    generator = Path(settings_docs.__file__).resolve()
+    sources = "".join(
+        path.read_text() for path in (ROOT / "service").rglob("*.py") if path != generator
+    )
+    for variable, _, _ in settings_docs.OTHER_VARIABLES:
+        assert f'"{variable}"' in sources, variable
+
+
+def test_the_configuration_reference_is_the_generated_one():
+    text = CONFIGURATION_DOC.read_text(encoding="utf-8")
+    assert settings_docs.between_markers(text) == settings_docs.table(), (
+        "docs/configuration.md is stale: run "
+        "python -m service.settings_docs --write docs/configuration.md"
+    )
+
+
+def test_the_generator_writes_between_the_markers_and_checks(tmp_path, capsys):
+    page = tmp_path / "configuration.md"
+    start, end = settings_docs.START, settings_docs.END
+    page.write_text(f"# Configuration\n\n{start}\n| old |\n{end}\n\nAfter.\n")
+    assert settings_docs.main(["--check", str(page)]) == 1
+    assert settings_docs.main(["--write", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith(f"# Configuration\n\n{start}\n| variable |")
+    assert text.endswith(f"|\n{end}\n\nAfter.\n")
+    assert settings_docs.between_markers(text) == settings_docs.table()
+    assert settings_docs.main(["--check", str(page)]) == 0
+    page.write_text("# Configuration\n")
+    assert settings_docs.main(["--write", str(page)]) == 2
+    assert page.read_text() == "# Configuration\n"
+    assert "settings-table:start" in capsys.readouterr().err
