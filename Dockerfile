@@ -20,7 +20,7 @@
 #        docker run --rm -p 8080:8080 cnn-serving:cpu
 #   2. mounted at run time, read-only, over the empty /models of an image built without MODEL_SRC:
 #        docker run --rm -p 8080:8080 -v "$PWD/models/shapes:/models:ro" cnn-serving:cpu
-# Settings are environment variables (README, "Configuration"), e.g. -e MAX_BATCH_SIZE=64.
+# Settings are environment variables (docs/configuration.md), e.g. -e MAX_BATCH_SIZE=64.
 # It runs as well with a read-only root filesystem: --read-only --tmpfs /tmp
 #
 # Reproducible builds: pin the base by digest, e.g.

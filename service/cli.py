@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="cnn-serve",
         description="Serve a Keras CNN classifier over HTTP (flags override environment "
-        "variables; see the README for the rest, e.g. MAX_BATCH_SIZE).",
+        "variables; see docs/configuration.md for the rest, e.g. MAX_BATCH_SIZE).",
     )
     models = parser.add_mutually_exclusive_group()
     models.add_argument("--model-dir", help="model folder or folder of versions [MODEL_DIR]")
