@@ -59,9 +59,9 @@ class RunnerClient:
     ) -> np.ndarray:
         """Return runner `index`'s outputs for `tensor`, waiting for them until `wait_until`
         (`announced`: the seq `announce` gave, on this thread, for this request)."""
-        seq = next(self._seq)
-        frames = wire.predict_request(seq, request_id, deadline, model, version, tensor, announced)
-        return self._call(index, seq, frames, wait_until)
+        return self._tensor_call(
+            wire.PREDICT, index, tensor, model, version, deadline, wait_until, request_id, announced
+        )
 
     def explain(
         self,
@@ -75,9 +75,25 @@ class RunnerClient:
         request_id: str = "",
     ) -> wire.Explanation:
         """Return runner `index`'s Grad-CAM explanation of `tensor`'s images."""
+        return self._tensor_call(
+            wire.EXPLAIN, index, tensor, model, version, deadline, wait_until, request_id
+        )
+
+    def _tensor_call(
+        self,
+        kind: str,
+        index: int,
+        tensor: np.ndarray,
+        model: str,
+        version: str,
+        deadline: float,
+        wait_until: float,
+        request_id: str,
+        announced: int = 0,
+    ) -> Any:
         seq = next(self._seq)
         frames = wire.predict_request(
-            seq, request_id, deadline, model, version, tensor, kind=wire.EXPLAIN
+            seq, request_id, deadline, model, version, tensor, announced, kind
         )
         return self._call(index, seq, frames, wait_until)
 

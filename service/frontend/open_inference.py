@@ -182,6 +182,31 @@ def model_ready(models: Models, name: str, version: str | None, serving: bool) -
     return ready and serving
 
 
+# Triton's names for the states of a repository index.
+_INDEX_STATES = {
+    State.AVAILABLE: "READY",
+    State.LOADING: "LOADING",
+    State.UNLOADING: "UNLOADING",
+    State.END: "UNAVAILABLE",
+    State.FAILED: "UNAVAILABLE",
+}
+
+
+def repository_index(models: Models, ready_only: bool) -> list[dict[str, str]]:
+    """List every model version (or only those ready) with its state, as Triton's
+    repository index does."""
+    return [
+        {
+            "name": status.model,
+            "version": status.version,
+            "state": _INDEX_STATES[status.state],
+            "reason": status.error or ("unloaded" if status.state is State.END else ""),
+        }
+        for status in models.statuses()
+        if not ready_only or status.state is State.AVAILABLE
+    ]
+
+
 def _predict(
     served: RemoteVersion, tensor: InputTensor, deadline: float, request_id: str, explain: bool
 ) -> tuple[list[np.ndarray], Explanation | None]:

@@ -9,8 +9,9 @@ meanwhile can wait for it, as within one process. No Flask, no model runtime.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -135,15 +136,7 @@ class RemoteVersion:
     def _explain(
         self, tensor: np.ndarray, deadline: float, request_id: str, index: int
     ) -> Explanation:
-        return self.client.explain(
-            index,
-            tensor,
-            model=self.info.name,
-            version=self.info.version,
-            deadline=deadline,
-            wait_until=deadline + self.settings.running_batch_grace_s,
-            request_id=request_id,
-        )
+        return self._ask(self.client.explain, tensor, deadline, request_id, index)
 
     def _run(
         self,
@@ -153,7 +146,20 @@ class RemoteVersion:
         index: int,
         announced: int = 0,
     ) -> list[np.ndarray]:
-        outputs = self.client.predict(
+        return list(
+            self._ask(self.client.predict, tensor, deadline, request_id, index, announced=announced)
+        )
+
+    def _ask(
+        self,
+        call: Callable[..., Any],
+        tensor: np.ndarray,
+        deadline: float,
+        request_id: str,
+        index: int,
+        **extra: int,
+    ) -> Any:
+        return call(
             index,
             tensor,
             model=self.info.name,
@@ -162,9 +168,8 @@ class RemoteVersion:
             # Past its deadline a request still waits for its batch already running.
             wait_until=deadline + self.settings.running_batch_grace_s,
             request_id=request_id,
-            announced=announced,
+            **extra,
         )
-        return list(outputs)
 
     def _least_held(self) -> int:
         slots = self.client.slots

@@ -21,18 +21,10 @@ from service.frontend.catalogue import Catalogue
 from service.frontend.grpc import tensors
 from service.frontend.grpc.calls import Call, Methods
 from service.frontend.versions import RemoteVersion
-from service.registry import Models, Phase, State
+from service.registry import Models, Phase
 from service.settings import Settings
 
 SERVICE = "inference.GRPCInferenceService"
-# Triton's names for the states of a repository index, as the REST index has them.
-_INDEX_STATES = {
-    State.AVAILABLE: "READY",
-    State.LOADING: "LOADING",
-    State.UNLOADING: "UNLOADING",
-    State.END: "UNAVAILABLE",
-    State.FAILED: "UNAVAILABLE",
-}
 
 
 class InferenceService:
@@ -114,16 +106,8 @@ class InferenceService:
     ) -> pb.RepositoryIndexResponse:
         """List every model version with its state, as Triton's repository index does."""
         response = pb.RepositoryIndexResponse()
-        for status in self.models.statuses():
-            if request.ready and status.state is not State.AVAILABLE:
-                continue
-            reason = status.error or ("unloaded" if status.state is State.END else "")
-            response.models.add(
-                name=status.model,
-                version=status.version,
-                state=_INDEX_STATES[status.state],
-                reason=reason,
-            )
+        for row in open_inference.repository_index(self.models, request.ready):
+            response.models.add(**row)
         return response
 
     def model_infer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:

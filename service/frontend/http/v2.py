@@ -26,7 +26,7 @@ from service.frontend.http.base import (
     read_body,
 )
 from service.frontend.open_inference import EXTENSIONS, OUTPUT
-from service.registry import Models, Phase, State
+from service.registry import Models, Phase
 from service.settings import Settings
 
 PATH_PREFIX = "/v2"
@@ -60,16 +60,6 @@ def _models() -> Models:
 
 def _manager() -> Catalogue:
     return current_app.extensions["catalogue"]
-
-
-# Triton's names for the states of a repository index.
-_INDEX_STATES = {
-    State.AVAILABLE: "READY",
-    State.LOADING: "LOADING",
-    State.UNLOADING: "UNLOADING",
-    State.END: "UNAVAILABLE",
-    State.FAILED: "UNAVAILABLE",
-}
 
 
 @blueprint.get("")
@@ -117,15 +107,7 @@ def repository_index() -> Response:
         raise InvalidRequest("the body is not valid JSON") from None
     if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
         raise InvalidRequest('the body must be {} or {"ready": true|false}')
-    rows = []
-    for status in _models().statuses():
-        if body.get("ready") and status.state is not State.AVAILABLE:
-            continue
-        row = {"name": status.model, "version": status.version}
-        row["state"] = _INDEX_STATES[status.state]
-        row["reason"] = status.error or ("unloaded" if status.state is State.END else "")
-        rows.append(row)
-    return json_response(rows)
+    return json_response(open_inference.repository_index(_models(), body.get("ready", False)))
 
 
 @_model_route("/infer", "POST")
