@@ -26,6 +26,7 @@ from prometheus_client import (
 
 from model_folder.files import ModelInfo
 from service import metric_values
+from service.metric_classes import ClassCounts
 
 # Before any metric exists, so that every value lives in a file whose space is reserved: a
 # full metrics folder then costs metrics, never a worker (see service/metric_values.py).
@@ -164,8 +165,6 @@ RUNNER_RESTARTS = Counter(
     "Runners started again after theirs ended (killed, out of memory, failed), by runner.",
     ["runner"],
 )
-# The class label of the answers whose class has no series of its own (see ClassCounts).
-OTHER_CLASSES = "other"
 PREDICTED_CLASS = Counter(
     "cnn_predicted_class_total",
     "Images answered, by the class the model ranked first (the most frequent classes, the "
@@ -183,53 +182,6 @@ TOP1_PROBABILITY = Histogram(
     MODEL_LABELS,
     buckets=PROBABILITY_BUCKETS,
 )
-
-
-class ClassCounts:
-    """cnn_predicted_class_total of one version in one runner, with at most `limit` series
-    of their own (and "other").
-
-    Every class is counted here; a class gets a series of its own, from then on, once it is
-    among the `limit` most frequent so far while there is room. A model with `limit` classes
-    or fewer has one per class; a 1,000-class model has the `limit` that were most frequent as
-    the room filled, then "other" for the rest. The series always sum to every answer.
-    """
-
-    def __init__(self, name: str, version: str, classes: Sequence[str], limit: int) -> None:
-        """Count the answers of model `name` `version` among `classes`."""
-        self.labels = (name, version)
-        self.classes = tuple(classes)
-        self.limit = limit
-        self.counts = np.zeros(len(self.classes), dtype=np.int64)
-        self.series: dict[int, Counter] = {}
-        if len(self.classes) <= limit:
-            self.series = {
-                i: PREDICTED_CLASS.labels(name, version, c) for i, c in enumerate(classes)
-            }
-        self.other = PREDICTED_CLASS.labels(name, version, OTHER_CLASSES)
-
-    def add(self, top: np.ndarray) -> None:
-        """Count answers whose top classes are `top` (class indices)."""
-        found = np.bincount(top, minlength=len(self.counts))[: len(self.counts)]
-        self.counts += found
-        others = 0
-        for index in np.flatnonzero(found).tolist():
-            if index not in self.series and len(self.series) < self.limit:
-                self._admit(index)
-            if index in self.series:
-                self.series[index].inc(int(found[index]))
-            else:
-                others += int(found[index])
-        if others:
-            self.other.inc(others)
-
-    def _admit(self, index: int) -> None:
-        """Give class `index` a series if it is among the `limit` most frequent so far."""
-        if len(self.counts) > self.limit:
-            threshold = np.partition(self.counts, -self.limit)[-self.limit]
-            if self.counts[index] < threshold:
-                return
-        self.series[index] = PREDICTED_CLASS.labels(*self.labels, self.classes[index])
 
 
 @dataclass(frozen=True)
@@ -290,7 +242,7 @@ def for_model(
         QUEUE_DEPTH.labels(name, version, runner),
         ESTIMATED_WAIT.labels(name, version, runner),
         TOP1_PROBABILITY.labels(name, version),
-        ClassCounts(name, version, classes, class_series),
+        ClassCounts(PREDICTED_CLASS, name, version, classes, class_series),
         LOW_CONFIDENCE.labels(name, version),
         low_confidence,
     )
