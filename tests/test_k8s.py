@@ -128,13 +128,20 @@ def settings(objects: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_objects_pass_the_kubernetes_schemas(kustomization: str, tmp_path: Path) -> None:
-    command = python_tool("kubernetes_validate")
     # A ServiceMonitor is a custom resource with no schema here: see the test of its own.
     manifests = [obj for obj in render(kustomization) if obj["kind"] != "ServiceMonitor"]
     path = tmp_path / "manifests.yaml"
     path.write_text(yaml.safe_dump_all(manifests))
+    assert_valid_kubernetes(path)
+
+
+def assert_valid_kubernetes(path: Path) -> None:
+    """Assert the objects in `path` pass Kubernetes' own schemas, unknown fields refused."""
     result = subprocess.run(
-        [*command, "--strict", "--quiet", "--kubernetes-version", KUBERNETES_VERSION, str(path)],
+        [
+            *python_tool("kubernetes_validate"),
+            *("--strict", "--quiet", "--kubernetes-version", KUBERNETES_VERSION, str(path)),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

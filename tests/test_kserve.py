@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import re
-import subprocess
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,13 @@ from tests.kserve_schema import (
     SCHEMAS,
 )
 from tests.test_k8s import (
-    KUBERNETES_VERSION,
     ROOT,
+    assert_valid_kubernetes,
     by_kind,
     cpus,
     image_environment,
     mounted_volumes,
     port_number,
-    python_tool,
 )
 
 # KServe's conventions (its API reference and documentation): the container the predictor is
@@ -121,16 +119,9 @@ def test_manifests_pass_our_kserve_schema(kind: str) -> None:
 def test_served_pod_passes_the_kubernetes_schemas(tmp_path: Path) -> None:
     # The core/v1 parts in full (our schema names only the fields we use): the pod KServe
     # would make, against Kubernetes' own schemas, unknown fields refused.
-    command = python_tool("kubernetes_validate")
     path = tmp_path / "pod.yaml"
     path.write_text(yaml.safe_dump(served_pod()))
-    result = subprocess.run(
-        [*command, "--strict", "--quiet", "--kubernetes-version", KUBERNETES_VERSION, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert (result.returncode, result.stdout) == (0, ""), result.stdout + result.stderr
+    assert_valid_kubernetes(path)
 
 
 # A slip in each manifest that the schema must refuse: (kind, path, value or DELETE).
