@@ -82,6 +82,21 @@ def test_image_still_queued_at_its_deadline_gets_504(fault_server):
     assert result_of(held).status_code == 200
 
 
+def test_request_whose_batch_runs_past_its_deadline_still_gets_its_answer(fault_server):
+    # The batch holding the request starts before its deadline and ends after it: the worker
+    # waits the running batch's grace (REQUEST_TIMEOUT_S again) and answers 200.
+    server, control = fault_server(REQUEST_TIMEOUT_S="3")
+    sent = time.monotonic()
+    held = in_background(post_png, server.url, GREY)
+    control.wait_held(1)
+    time.sleep(max(0.0, sent + 4 - time.monotonic()))  # a second past the deadline
+    assert "result" not in held
+    control.release(1)
+    response = result_of(held)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 1
+
+
 def test_request_that_cannot_meet_its_deadline_is_refused_at_once(fault_server):
     server, control = fault_server()
     teacher = in_background(post_png, server.url, GREY)
