@@ -16,7 +16,7 @@ from gunicorn.config import Config
 from gunicorn.http.errors import ParseException
 from gunicorn.http.parser import RequestParser
 
-from service.frontend.worker import Framing, RequestScan
+from service.frontend.framing import Framing, RequestScan
 from tests.conftest import Server, distinct_images, expected_probabilities, start_server
 from tests.load import metric, scrape, worker_pids
 from tests.slow_clients import CanaryReport, Trickler, canary
