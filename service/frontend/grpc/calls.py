@@ -136,6 +136,7 @@ class Methods:
             request_id = _request_id(context)
             code = grpc.StatusCode.OK
             context.set_trailing_metadata([("x-request-id", request_id)])
+            call: Call | None = None
             try:
                 if authorized:
                     self._authorize(context)
@@ -145,7 +146,13 @@ class Methods:
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(self.threads, work, raw, call)
             except asyncio.CancelledError:
+                # grpcio cancels a call whose client deadline has passed: that is a timeout,
+                # counted as one whether the runner's answer or the cancellation came first.
                 code = grpc.StatusCode.CANCELLED  # the client left, or the server stops
+                if call is not None and time.monotonic() >= call.deadline:
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    message = "the client's deadline passed before the call was answered"
+                    _count_error(DeadlineExceeded.code, message, code, endpoint, request_id)
                 raise
             except ServiceError as error:
                 code = status_of(error)
