@@ -42,7 +42,7 @@ LONGEST_WAIT_S = 30.0
 STEADY_S = 60.0
 # Where a front end finds the pipe on which it says that its port is bound.
 BOUND_FD_ENV = "CNN_SERVING_BOUND_FD"
-# The gRPC front end's place among the children: after the runners' indices.
+# The `runner` label of the gRPC front end in the restart counter and its log lines.
 GRPC = "grpc"
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-import re
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -27,6 +25,7 @@ from service.frontend.http.base import (
     number_parameter,
     release_leases,
 )
+from service.frontend.protocol_rules import request_id
 from service.frontend.raw_errors import error_document
 from service.frontend.versions import RemoteVersion
 from service.registry import Models
@@ -39,9 +38,6 @@ if TYPE_CHECKING:
 # arrived, where its one deadline starts, and whether its whole body is already in memory.
 ARRIVED_AT = "cnn_serving.arrived_at"
 BODY_BUFFERED = "cnn_serving.body_buffered"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_ID_PREFIX = uuid.uuid4().hex[:16]
-_ID_COUNTER = itertools.count()
 
 
 def create_app(settings: Settings | None = None, classifier: Classifier | None = None) -> Flask:
@@ -129,8 +125,7 @@ def _begin_request() -> None:
     g.started = time.perf_counter()
     # Before any lookup: a version published by a runner is seen by every request after.
     catalogue().refresh()
-    supplied = request.headers.get("X-Request-ID", "")
-    g.request_id = supplied if _REQUEST_ID.match(supplied) else _new_request_id()
+    g.request_id = request_id(request.headers.get("X-Request-ID", ""))
     if request.method != "POST":
         return
     settings: Settings = current_app.config["SETTINGS"]
@@ -154,11 +149,6 @@ def _timeout_s(limit_s: float) -> float:
     if not 0 < timeout_s < math.inf:
         raise InvalidRequest(f"timeout must be a positive number of seconds, got {requested}")
     return min(timeout_s, limit_s)
-
-
-def _new_request_id() -> str:
-    # A per-process random prefix and a counter: unique, and no syscall per request.
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 def _end_request(response: Response) -> Response:

@@ -93,14 +93,7 @@ class RunnerCore:
             if error is None:
                 respond(wire.explanation_answer(request.seq, done.result()))
                 return
-            typed = _typed(error)
-            if typed.status >= 500 and not isinstance(typed, DeadlineExceeded):
-                log.error(
-                    "explanation failed: %s",
-                    error,
-                    extra={"request_id": request.request_id, "code": typed.code},
-                )
-            respond(wire.error_answer(request.seq, typed))
+            respond(_failed("explanation", request, _typed(error), error))
 
         future.add_done_callback(answer)
 
@@ -220,13 +213,20 @@ class _Pending:
             outputs = np.stack([f.result() for f in self.futures]).astype(np.float32, copy=False)
             self.respond(wire.outputs_answer(seq, outputs))
             return
-        if error.status >= 500 and not isinstance(error, DeadlineExceeded):
-            log.error(
-                "prediction failed: %s",
-                error.message,
-                extra={"request_id": self.request.request_id, "code": error.code},
-            )
-        self.respond(wire.error_answer(seq, error))
+        self.respond(_failed("prediction", self.request, error, error.message))
+
+
+def _failed(what: str, request: wire.Request, error: ServiceError, cause: object) -> wire.Frames:
+    """Return the error answer to `request`, logging a failure of the runner's own (not a
+    timeout) with its `cause`."""
+    if error.status >= 500 and not isinstance(error, DeadlineExceeded):
+        log.error(
+            "%s failed: %s",
+            what,
+            cause,
+            extra={"request_id": request.request_id, "code": error.code},
+        )
+    return wire.error_answer(request.seq, error)
 
 
 def _failure(future: Future) -> ServiceError | None:

@@ -42,7 +42,7 @@ class GradCam:
         conv = convolutions[-1]
         last = model.layers[-1]
         # The class scores: the model's output, or what its softmax takes.
-        before_softmax = _is_softmax(last)
+        before_softmax = is_softmax(last)
         dense_softmax = before_softmax and hasattr(last, "kernel")
         if isinstance(model, keras.Sequential):
             # Its layers again on new inputs (the weights are shared): a Sequential's own
@@ -126,7 +126,8 @@ def _to_image(cam: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
 
 
-def _is_softmax(layer: keras.layers.Layer) -> bool:
+def is_softmax(layer: keras.layers.Layer) -> bool:
+    """Tell whether `layer` outputs a softmax (a Softmax layer, or its activation)."""
     if isinstance(layer, keras.layers.Softmax):
         return True
     activation = getattr(layer, "activation", None)

@@ -54,7 +54,7 @@ with _native_stderr_discarded():
     elif BACKEND == "jax":
         import jax
 
-from service.runner.gradcam import GradCam  # noqa: E402 - imports Keras, after the above
+from service.runner.gradcam import GradCam, is_softmax  # noqa: E402 - imports Keras first
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +245,7 @@ def padded_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
 
 def ends_in_softmax(model: keras.Model) -> bool:
     """Tell whether the model's last layer already outputs a softmax."""
-    last = model.layers[-1]
-    if isinstance(last, keras.layers.Softmax):
-        return True
-    activation = getattr(last, "activation", None)
-    return getattr(activation, "__name__", None) == "softmax"
+    return is_softmax(model.layers[-1])
 
 
 @functools.cache

@@ -11,12 +11,8 @@ send slowly, or never finish, hold no thread.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import itertools
 import logging
-import re
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +37,7 @@ from service.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from service.frontend import protocol_rules
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +60,6 @@ STATUS: dict[type[ServiceError], grpc.StatusCode] = {
 }
 # gRPC's retry pushback (the retry design, A6), and the HTTP header's twin for people.
 PUSHBACK = "grpc-retry-pushback-ms"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_ID_PREFIX = uuid.uuid4().hex[:16]
-_ID_COUNTER = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -133,13 +127,18 @@ class Methods:
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
             arrived = time.monotonic()
-            request_id = _request_id(context)
+            metadata = dict(context.invocation_metadata())
+            request_id = protocol_rules.request_id(str(metadata.get("x-request-id", "")))
             code = grpc.StatusCode.OK
             context.set_trailing_metadata([("x-request-id", request_id)])
             call: Call | None = None
             try:
                 if authorized:
-                    self._authorize(context)
+                    protocol_rules.check_bearer(
+                        str(metadata.get("authorization", "")),
+                        self.token,
+                        "'authorization: Bearer <token>' metadata",
+                    )
                 remaining = context.time_remaining()
                 timeout_s = self.timeout_s if remaining is None else min(remaining, self.timeout_s)
                 call = Call(arrived + max(0.0, timeout_s), request_id, started)
@@ -175,23 +174,6 @@ class Methods:
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """Return the handler that serves every method registered."""
         return grpc.method_handlers_generic_handler(self.service, self.handlers)
-
-    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if not self.token:
-            return
-        supplied = dict(context.invocation_metadata()).get("authorization", "")
-        scheme, _, value = str(supplied).partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), self.token.encode()
-        ):
-            raise Unauthorized("a valid 'authorization: Bearer <token>' metadata is required")
-
-
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    supplied = str(dict(context.invocation_metadata()).get("x-request-id", ""))
-    if _REQUEST_ID.match(supplied):
-        return supplied
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 def _count_error(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import logging
 from collections.abc import Callable
 
@@ -14,7 +13,8 @@ from flask import Blueprint, Flask, Request, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service import metrics
-from service.errors import InvalidRequest, PayloadTooLarge, ServiceError, Unauthorized
+from service.errors import InvalidRequest, PayloadTooLarge, ServiceError
+from service.frontend.protocol_rules import check_bearer
 from service.frontend.raw_errors import error_code
 from service.frontend.versions import RemoteVersion, Upload
 from service.registry import Models
@@ -134,10 +134,6 @@ def number_parameter(raw: str | None, name: str, kind: type, default: float) -> 
 
 def authorize(req: Request, token: str) -> None:
     """Refuse the request unless it carries the configured bearer token (if any)."""
-    if not token:
-        return
-    scheme, _, supplied = req.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        supplied.strip().encode(), token.encode()
-    ):
-        raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+    check_bearer(
+        req.headers.get("Authorization", ""), token, "'Authorization: Bearer <token>' header"
+    )
